@@ -1,0 +1,76 @@
+/*
+ * Upstream pools, per worker: server selection (round robin or least connections) and the
+ * keep-alive pool of idle connections to each server.
+ *
+ * A bw_upconn is one TCP connection to one server, wrapped in a libevent bufferevent. The proxy
+ * takes one with bw_upstream_acquire() (an idle pooled one when a live one exists, otherwise a
+ * new non-blocking connect), owns it for one exchange, then hands it back with
+ * bw_upstream_release() (pooled when reusable) or bw_upstream_close(). Idle pooled connections
+ * keep reading enabled so that an upstream closing one is noticed and the connection dropped.
+ */
+#ifndef BREAKWATER_UPSTREAM_H
+#define BREAKWATER_UPSTREAM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+
+#include "breakwater/config.h"
+
+typedef struct bw_server bw_server;
+typedef struct bw_upstream_pool bw_upstream_pool;
+
+typedef struct bw_upconn {
+    struct bufferevent *bev;
+    bw_server *server;
+    struct bw_upconn *next, *prev; /* idle list links */
+    void *owner;                   /* the exchange using it, NULL while idle */
+    bool reused;                   /* taken from the idle pool (may have gone stale) */
+    bool connected;                /* the TCP handshake completed */
+    uint32_t requests;             /* exchanges carried so far */
+} bw_upconn;
+
+struct bw_server {
+    const bw_server_conf *conf;
+    bw_upstream_pool *pool;
+    bw_upconn *idle_head; /* most recently used first */
+    uint32_t n_idle;
+    uint32_t active; /* connections in use by this worker (least_conn) */
+};
+
+struct bw_upstream_pool {
+    const bw_upstream_conf *conf;
+    struct event_base *base;
+    bw_server *servers;
+    size_t n_servers;
+    uint32_t rr_next;
+};
+
+/* Builds one pool per configured upstream. Returns an array of cfg->n_upstreams pools or NULL. */
+bw_upstream_pool *bw_upstream_pools_new(struct event_base *base, const bw_config *cfg);
+/* Closes every idle connection and frees the pools (connections in use must be closed first). */
+void bw_upstream_pools_free(bw_upstream_pool *pools, size_t n);
+/* Closes idle connections only (used when a worker starts draining). */
+void bw_upstream_pools_close_idle(bw_upstream_pool *pools, size_t n);
+
+/* Picks a server by the pool's balancing rule, skipping `avoid` when another one exists. */
+bw_server *bw_upstream_pick(bw_upstream_pool *pool, const bw_server *avoid);
+
+/*
+ * Returns a connection to the server: a live idle one, or a new one whose connect is under way
+ * (connected == false; the caller's event callback sees BEV_EVENT_CONNECTED or an error).
+ * Callbacks are not set: the caller sets them. Returns NULL when a socket cannot even be created
+ * (errno says why); that counts as a connect failure.
+ */
+bw_upconn *bw_upstream_acquire(bw_server *server, bool allow_reuse);
+
+/* Gives the connection back: pooled when the pool has room, closed otherwise. */
+void bw_upstream_release(bw_upconn *c);
+
+/* Closes and frees a connection that is not reusable. */
+void bw_upstream_close(bw_upconn *c);
+
+#endif

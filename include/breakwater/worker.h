@@ -1,0 +1,58 @@
+/*
+ * Worker process: one single-threaded libevent loop that accepts client connections on the
+ * listening sockets inherited from the master and proxies their requests. A worker exits when
+ * told to drain (SIGTERM/SIGINT, or the master dying) once its connections are finished or
+ * shutdown_timeout_ms has passed.
+ */
+#ifndef BREAKWATER_WORKER_H
+#define BREAKWATER_WORKER_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include <event2/event.h>
+#include <event2/listener.h>
+#include <openssl/ssl.h>
+
+#include "breakwater/config.h"
+#include "breakwater/log.h"
+#include "breakwater/upstream.h"
+
+struct bw_session;
+
+typedef struct bw_worker {
+    struct event_base *base;
+    const bw_config *cfg;
+    bw_log *log;
+    int index;        /* 1-based worker number, for logs */
+    pid_t master_pid;
+    const int *listen_fds; /* one per configured listener */
+    SSL_CTX *const *tls;   /* one per listener, NULL for plain ones */
+    struct evconnlistener **listeners;
+    bool listeners_paused; /* max_connections reached */
+    bw_upstream_pool *pools;
+    struct bw_session *sessions; /* every open client connection */
+    size_t n_sessions;
+    bool draining;
+    struct event *ev_term, *ev_int, *ev_usr1, *ev_hup, *drain_timer, *parent_timer;
+    uint64_t reqid_state; /* request-id generator state, seeded from the kernel */
+} bw_worker;
+
+/* What the master hands a freshly forked worker. */
+typedef struct bw_worker_args {
+    const bw_config *cfg;
+    bw_log *log;
+    int index;
+    pid_t master_pid;
+    const int *listen_fds;
+    SSL_CTX *const *tls;
+} bw_worker_args;
+
+/* Runs the worker until it has drained; returns the process exit status. */
+int bw_worker_run(const bw_worker_args *args);
+
+/* Called by the proxy when a session ends, so a draining worker can notice it is idle. */
+void bw_worker_session_closed(bw_worker *w);
+
+#endif

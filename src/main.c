@@ -1,0 +1,112 @@
+/*
+ * Command line: -c FILE runs the proxy, -t checks a configuration, -V prints versions, -h usage.
+ *
+ * A configuration check goes as far as a start would without binding sockets: the JSON is
+ * parsed and validated, and every TLS context is built, so a certificate that does not match its
+ * key is caught by -t and not at 3 a.m. by a reload.
+ */
+#include <cjson/cJSON.h>
+#include <event2/event.h>
+#include <hiredis/hiredis.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "breakwater/config.h"
+#include "breakwater/master.h"
+#include "breakwater/tls.h"
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: breakwater -c FILE        run with this configuration (JSON)\n"
+               "       breakwater -t -c FILE     check the configuration and exit\n"
+               "       breakwater -V             print version and library versions\n"
+               "       breakwater -h             this help\n"
+               "signals: HUP reload, TERM/INT drain and exit, USR1 reopen log files\n");
+}
+
+static void print_versions(void)
+{
+    printf("breakwater %s\n", BW_VERSION);
+    printf("libevent %s\n", event_get_version());
+    printf("OpenSSL %s\n", bw_tls_library_version());
+    printf("cJSON %s\n", cJSON_Version());
+    printf("hiredis %d.%d.%d\n", HIREDIS_MAJOR, HIREDIS_MINOR, HIREDIS_PATCH);
+}
+
+/* Builds (and drops) every TLS context, so key/certificate mismatches are reported. */
+static void check_tls(const bw_config *cfg, bw_diag *diag)
+{
+    bw_tls_keys keys;
+    memset(&keys, 0, sizeof(keys));
+    for (size_t i = 0; i < cfg->n_listeners; i++) {
+        if (!cfg->listeners[i].tls_enabled)
+            continue;
+        SSL_CTX *ctx = bw_tls_ctx_new(&cfg->listeners[i], i, cfg->path, &keys, diag);
+        if (ctx)
+            SSL_CTX_free(ctx);
+    }
+}
+
+int main(int argc, char **argv)
+{
+    const char *config = NULL;
+    bool test_only = false;
+    int opt;
+    opterr = 0;
+    while ((opt = getopt(argc, argv, "c:tVh")) != -1) {
+        switch (opt) {
+        case 'c':
+            config = optarg;
+            break;
+        case 't':
+            test_only = true;
+            break;
+        case 'V':
+            print_versions();
+            return 0;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            if (optopt == 'c')
+                fprintf(stderr, "breakwater: -c needs a file name\n");
+            else
+                fprintf(stderr, "breakwater: unknown option -%c\n", optopt ? optopt : '?');
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "breakwater: unexpected argument '%s'\n", argv[optind]);
+        usage(stderr);
+        return 2;
+    }
+    if (!config) {
+        usage(stderr);
+        return 2;
+    }
+
+    bw_diag diag;
+    bw_diag_init(&diag);
+    bw_config *cfg = bw_config_load(config, NULL, &diag);
+    if (cfg && test_only)
+        check_tls(cfg, &diag);
+    if (!cfg || diag.count > 0) {
+        for (size_t i = 0; i < diag.count; i++)
+            fprintf(stderr, "%s\n", diag.lines[i]);
+        if (diag.count == 0)
+            fprintf(stderr, "%s: cannot load configuration\n", config);
+        bw_diag_free(&diag);
+        bw_config_free(cfg);
+        return 1;
+    }
+    bw_diag_free(&diag);
+    if (test_only) {
+        printf("configuration ok\n");
+        bw_config_free(cfg);
+        return 0;
+    }
+    return bw_master_run(config, cfg);
+}

@@ -1,0 +1,1468 @@
+/*
+ * The request path: client connections (sessions), one exchange at a time on each, streamed to
+ * and from upstream connections with backpressure.
+ *
+ * Nothing of a request reaches an upstream before its whole head has been read and judged by the
+ * strict parser in http.c: ambiguous framing is refused with 400 and the connection closed. The
+ * request body is then streamed as it arrives (Content-Length counted, chunked validated byte by
+ * byte); a chunked body found malformed after forwarding began aborts the upstream connection.
+ * Responses are judged the same way and re-framed for the client when needed (a close-delimited
+ * upstream response becomes chunked for an HTTP/1.1 client; a chunked one is decoded for an
+ * HTTP/1.0 client).
+ *
+ * Memory per connection is bounded: reading from one side stops while the other side's output
+ * buffer is above BW_HIGH_WATER and resumes when it drains below BW_LOW_WATER.
+ *
+ * Retries: a request whose connect failed is sent to another server (nothing reached an
+ * upstream). A request that was written to a pooled connection the upstream had already closed
+ * is sent again on a fresh connection when it is idempotent, or when not one byte of it left the
+ * proxy. An idempotent request is retried once on another server after a reset or timeout, as
+ * long as nothing was sent to the client and its body is still held for replay.
+ */
+#include "breakwater/proxy.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
+#include <event2/event.h>
+#include <openssl/err.h>
+
+#include "breakwater/http.h"
+#include "breakwater/log.h"
+#include "breakwater/upstream.h"
+
+#define BW_HIGH_WATER (256 * 1024)
+#define BW_LOW_WATER (64 * 1024)
+#define BW_REPLAY_MAX (64 * 1024)
+#define BW_RESPONSE_HEAD_MAX (64 * 1024)
+#define BW_MAX_CONN_TOKENS 16
+
+typedef enum session_state {
+    SS_HEAD,     /* waiting for (the rest of) a request head */
+    SS_EXCHANGE, /* a request is being proxied or answered */
+    SS_CLOSING,  /* flushing the last response, then close */
+} session_state;
+
+typedef enum resp_state {
+    RS_WAIT_HEAD,
+    RS_BODY,
+    RS_DONE,
+} resp_state;
+
+/* Why an upstream exchange failed; decides the status (502/504) and whether to retry. */
+typedef enum up_failure {
+    UF_CONNECT,         /* refused, unreachable, or the socket could not be created */
+    UF_CONNECT_TIMEOUT, /* connect did not complete in connect_timeout_ms */
+    UF_RESET,           /* closed or reset before a complete response */
+    UF_TIMEOUT,         /* no response (or no progress) within response_timeout_ms */
+    UF_INVALID,         /* the response was not valid HTTP/1.x */
+} up_failure;
+
+typedef struct bw_exchange {
+    struct bw_session *s;
+    const bw_route_conf *route;
+    bw_upstream_pool *pool;
+    /* request */
+    bw_body_framing req_framing;
+    uint64_t req_left;
+    bw_chunked req_chunk;
+    bool req_done;     /* the whole request body has been read from the client */
+    bool req_started;  /* body bytes have been forwarded */
+    uint64_t bytes_in; /* request body bytes read from the client */
+    struct evbuffer *replay; /* head + body sent so far, while it fits in BW_REPLAY_MAX */
+    bool replayable;
+    bool idempotent;
+    /* upstream */
+    bw_upconn *uc;
+    bw_server *server;
+    int attempts;
+    bool fresh_retry_used;
+    size_t out_added; /* bytes queued on the current upstream connection */
+    bool up_paused;   /* upstream reading stopped for client backpressure */
+    bool client_paused; /* client reading stopped for upstream backpressure */
+    /* response */
+    resp_state rstate;
+    size_t resp_scanned;
+    int status;
+    bw_body_framing resp_framing;
+    uint64_t resp_left;
+    bw_chunked resp_chunk;
+    bool resp_chunk_encode; /* close-delimited upstream body -> chunked to the client */
+    bool resp_dechunk;      /* chunked upstream body -> plain to an HTTP/1.0 client */
+    bool resp_started;      /* response bytes have been queued for the client */
+    bool up_keepalive;      /* the upstream connection may be reused after this response */
+    uint64_t bytes_out;
+    /* timing, access log */
+    struct timespec t_start;
+    double connect_ms;
+    double response_ms;
+    struct timespec t_attempt;
+    int64_t wall_start_ms;
+    char reqid[72];
+    size_t reqid_len;
+    const char *error;
+} bw_exchange;
+
+typedef struct bw_session {
+    bw_worker *w;
+    struct bufferevent *bev;
+    struct bw_session *next, *prev;
+    int listener;
+    bool tls;
+    char peer_ip[INET6_ADDRSTRLEN];
+    char peer[INET6_ADDRSTRLEN + 8];
+    session_state state;
+    struct event *timer;
+    bool head_timer; /* the header-read deadline is running for the current request */
+    size_t scanned;  /* bytes of the input already searched for the end of the head */
+    uint32_t served;
+    bool close_after;
+    char *head; /* copy of the current request head; the parsed head points into it */
+    size_t head_cap;
+    bw_exchange ex;
+    bw_http_head req; /* kept out of ex so that resetting ex stays cheap */
+} bw_session;
+
+static void session_free(bw_session *s);
+static void session_next(bw_session *s);
+static void session_try_head(bw_session *s);
+static void exchange_finish(bw_exchange *ex);
+static void start_attempt(bw_exchange *ex, bw_server *same, bool allow_reuse);
+static void forward_request_body(bw_exchange *ex);
+static void forward_response_body(bw_exchange *ex);
+static void upstream_failed(bw_exchange *ex, up_failure why);
+static void client_read_cb(struct bufferevent *bev, void *arg);
+static void client_write_cb(struct bufferevent *bev, void *arg);
+static void client_event_cb(struct bufferevent *bev, short what, void *arg);
+
+static double ms_since(const struct timespec *t0)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)(now.tv_sec - t0->tv_sec) * 1e3 + (double)(now.tv_nsec - t0->tv_nsec) / 1e6;
+}
+
+static int64_t wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static struct timeval ms_tv(uint32_t ms)
+{
+    struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
+    return tv;
+}
+
+/* splitmix64: a cheap, well-mixed generator for request ids (not a secret, only unique). */
+static uint64_t next_random(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Responses generated by the proxy itself                                                   */
+
+static const char *error_reason(int status)
+{
+    switch (status) {
+    case 400: return "bad request";
+    case 404: return "no route";
+    case 405: return "method not allowed";
+    case 408: return "request timeout";
+    case 413: return "payload too large";
+    case 417: return "expectation failed";
+    case 431: return "request header fields too large";
+    case 502: return "bad gateway";
+    case 503: return "service unavailable";
+    case 504: return "gateway timeout";
+    case 505: return "http version not supported";
+    default: return bw_http_reason(status);
+    }
+}
+
+static void access_log(bw_session *s, bw_exchange *ex)
+{
+    bw_worker *w = s->w;
+    if (w->log->access_fd < 0)
+        return;
+    bw_access_record r = {0};
+    r.time_ms = ex->wall_start_ms;
+    r.client = s->peer;
+    if (s->req.method_str) {
+        r.method = s->req.method_str;
+        r.method_len = s->req.method_len;
+        r.path = s->req.target;
+        r.path_len = s->req.target_len;
+    }
+    r.status = ex->status;
+    r.bytes_in = ex->bytes_in;
+    r.bytes_out = ex->bytes_out;
+    r.upstream = ex->pool ? ex->pool->conf->name : NULL;
+    r.server = ex->server ? ex->server->conf->address : NULL;
+    r.route = ex->route ? ex->route->name : NULL;
+    r.request_id = ex->reqid_len ? ex->reqid : NULL;
+    r.request_id_len = ex->reqid_len;
+    r.duration_ms = ms_since(&ex->t_start);
+    r.upstream_connect_ms = ex->connect_ms;
+    r.upstream_response_ms = ex->response_ms;
+    r.attempts = ex->attempts;
+    r.error = ex->error;
+    r.tls = s->tls;
+    bw_log_access(w->log, &r);
+}
+
+/* Sends a small JSON error (or `body` as text when given) and ends the exchange. */
+static void send_local(bw_session *s, int status, const char *body, const char *content_type,
+                       bool close_conn)
+{
+    bw_exchange *ex = &s->ex;
+    struct evbuffer *out = bufferevent_get_output(s->bev);
+    char json[256];
+    if (!body) {
+        if (ex->pool)
+            snprintf(json, sizeof(json), "{\"error\":\"%s\",\"upstream\":\"%s\"}\n",
+                     error_reason(status), ex->pool->conf->name);
+        else
+            snprintf(json, sizeof(json), "{\"error\":\"%s\"}\n", error_reason(status));
+        body = json;
+        content_type = "application/json";
+    }
+    if (close_conn || s->w->draining)
+        s->close_after = true;
+    size_t blen = strlen(body);
+    bool head_only = s->req.method == BW_METHOD_HEAD && s->req.method_str;
+    int n = evbuffer_add_printf(out,
+                                "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+                                "%s\r\n",
+                                status, bw_http_reason(status), content_type, blen,
+                                s->close_after ? "Connection: close\r\n" : "");
+    if (n > 0)
+        ex->bytes_out += (uint64_t)n;
+    if (!head_only) {
+        evbuffer_add(out, body, blen);
+        ex->bytes_out += blen;
+    }
+    ex->status = status;
+    ex->resp_started = true;
+    ex->rstate = RS_DONE;
+    exchange_finish(ex);
+}
+
+static void send_error(bw_session *s, int status, const char *why)
+{
+    bw_exchange *ex = &s->ex;
+    if (!ex->error)
+        ex->error = why;
+    /* After a refused request the rest of the connection's bytes cannot be trusted to be a
+     * message boundary, and after a proxy-side upstream failure the body may be half read. */
+    bool close_conn = status == 400 || status == 408 || status == 413 || status == 417 ||
+                      status == 431 || status == 505 || status == 405 || !ex->req_done;
+    send_local(s, status, NULL, NULL, close_conn);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Sessions                                                                                  */
+
+static void session_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    bw_session *s = arg;
+    if (s->state != SS_HEAD)
+        return;
+    if (s->head_timer && evbuffer_get_length(bufferevent_get_input(s->bev)) > 0) {
+        bw_log_debug(s->w->log, "client %s: request head not complete in time", s->peer);
+        s->ex.wall_start_ms = wall_ms();
+        clock_gettime(CLOCK_MONOTONIC, &s->ex.t_start);
+        s->ex.req_done = true;
+        s->state = SS_EXCHANGE;
+        send_error(s, 408, "header timeout");
+        return;
+    }
+    /* Idle keep-alive connection (or a new one that never sent a byte): close quietly. */
+    session_free(s);
+}
+
+static void arm_head_timer(bw_session *s, bool have_bytes)
+{
+    const bw_limits_conf *lim = &s->w->cfg->limits;
+    struct timeval tv;
+    if (have_bytes || s->served == 0) {
+        if (s->head_timer)
+            return;
+        s->head_timer = true;
+        tv = ms_tv(lim->header_timeout_ms);
+    } else {
+        tv = ms_tv(lim->client_idle_timeout_ms);
+    }
+    evtimer_add(s->timer, &tv);
+}
+
+void bw_proxy_accept(bw_worker *w, int listener, evutil_socket_t fd, const struct sockaddr *sa,
+                     int salen)
+{
+    (void)salen;
+    bw_session *s = calloc(1, sizeof(*s));
+    if (!s) {
+        evutil_closesocket(fd);
+        return;
+    }
+    s->w = w;
+    s->ex.s = s;
+    s->listener = listener;
+    int one = 1;
+    (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+
+    const void *ip = NULL;
+    int family = sa->sa_family;
+    unsigned port = 0;
+    if (family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+        ip = &in->sin_addr;
+        port = ntohs(in->sin_port);
+    } else if (family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+        ip = &in6->sin6_addr;
+        port = ntohs(in6->sin6_port);
+        if (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr)) {
+            ip = &in6->sin6_addr.s6_addr[12];
+            family = AF_INET;
+        }
+    }
+    if (ip && inet_ntop(family, ip, s->peer_ip, sizeof(s->peer_ip)))
+        snprintf(s->peer, sizeof(s->peer), family == AF_INET6 ? "[%s]:%u" : "%s:%u", s->peer_ip,
+                 port);
+    else
+        snprintf(s->peer_ip, sizeof(s->peer_ip), "unknown");
+
+    SSL_CTX *ctx = w->tls[listener];
+    if (ctx) {
+        SSL *ssl = SSL_new(ctx);
+        if (!ssl) {
+            ERR_clear_error();
+            evutil_closesocket(fd);
+            free(s);
+            return;
+        }
+        s->tls = true;
+        s->bev = bufferevent_openssl_socket_new(w->base, fd, ssl, BUFFEREVENT_SSL_ACCEPTING,
+                                                BEV_OPT_CLOSE_ON_FREE);
+        if (s->bev)
+            bufferevent_openssl_set_allow_dirty_shutdown(s->bev, 1);
+        else
+            SSL_free(ssl);
+    } else {
+        s->bev = bufferevent_socket_new(w->base, fd, BEV_OPT_CLOSE_ON_FREE);
+    }
+    s->timer = evtimer_new(w->base, session_timer_cb, s);
+    if (!s->bev || !s->timer) {
+        if (s->bev)
+            bufferevent_free(s->bev);
+        else
+            evutil_closesocket(fd);
+        if (s->timer)
+            event_free(s->timer);
+        free(s);
+        return;
+    }
+    bufferevent_set_max_single_read(s->bev, 65536);
+    bufferevent_set_max_single_write(s->bev, 65536);
+
+    s->next = w->sessions;
+    if (w->sessions)
+        w->sessions->prev = s;
+    w->sessions = s;
+    w->n_sessions++;
+
+    s->state = SS_HEAD;
+    bufferevent_setcb(s->bev, client_read_cb, client_write_cb, client_event_cb, s);
+    /* Bound what an idle or pipelining client can make us buffer before we read its head. */
+    bufferevent_setwatermark(s->bev, EV_READ, 0, w->cfg->limits.max_header_bytes + 4096);
+    struct timeval idle = ms_tv(w->cfg->limits.client_idle_timeout_ms);
+    bufferevent_set_timeouts(s->bev, NULL, &idle);
+    bufferevent_enable(s->bev, EV_READ | EV_WRITE);
+    arm_head_timer(s, false);
+}
+
+static void exchange_release_upstream(bw_exchange *ex, bool reusable)
+{
+    if (!ex->uc)
+        return;
+    bw_upconn *uc = ex->uc;
+    ex->uc = NULL;
+    if (reusable)
+        bw_upstream_release(uc);
+    else
+        bw_upstream_close(uc);
+}
+
+static void exchange_clear(bw_exchange *ex)
+{
+    exchange_release_upstream(ex, false);
+    if (ex->replay)
+        evbuffer_free(ex->replay);
+    bw_session *s = ex->s;
+    memset(ex, 0, sizeof(*ex));
+    ex->s = s;
+}
+
+static void session_free(bw_session *s)
+{
+    bw_worker *w = s->w;
+    exchange_clear(&s->ex);
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        w->sessions = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    w->n_sessions--;
+    if (s->bev)
+        bufferevent_free(s->bev);
+    event_free(s->timer);
+    free(s->head);
+    free(s);
+    bw_worker_session_closed(w);
+}
+
+/* Ends the connection once everything queued has been written. */
+static void session_close_after_flush(bw_session *s)
+{
+    s->state = SS_CLOSING;
+    evtimer_del(s->timer);
+    bufferevent_disable(s->bev, EV_READ);
+    bufferevent_setwatermark(s->bev, EV_WRITE, 0, 0);
+    if (evbuffer_get_length(bufferevent_get_output(s->bev)) == 0)
+        session_free(s);
+    /* else client_write_cb frees it when the output buffer is empty */
+}
+
+/* The exchange is over from the client's point of view: its response is fully queued. */
+static void exchange_finish(bw_exchange *ex)
+{
+    bw_session *s = ex->s;
+    access_log(s, ex);
+    s->served++;
+    if (!ex->req_done)
+        s->close_after = true;
+    exchange_clear(ex);
+    if (s->close_after || s->w->draining) {
+        session_close_after_flush(s);
+        return;
+    }
+    session_next(s);
+}
+
+/* Prepares for the next request on a keep-alive connection and handles pipelined bytes. */
+static void session_next(bw_session *s)
+{
+    s->state = SS_HEAD;
+    s->head_timer = false;
+    s->scanned = 0;
+    memset(&s->req, 0, offsetof(bw_http_head, headers));
+    s->req.n_headers = 0;
+    struct timeval idle = ms_tv(s->w->cfg->limits.client_idle_timeout_ms);
+    bufferevent_set_timeouts(s->bev, NULL, &idle);
+    bufferevent_setwatermark(s->bev, EV_READ, 0, s->w->cfg->limits.max_header_bytes + 4096);
+    bufferevent_enable(s->bev, EV_READ);
+    size_t pending = evbuffer_get_length(bufferevent_get_input(s->bev));
+    evtimer_del(s->timer);
+    arm_head_timer(s, pending > 0);
+    if (pending > 0)
+        bufferevent_trigger(s->bev, EV_READ, BEV_TRIG_IGNORE_WATERMARKS | BEV_TRIG_DEFER_CALLBACKS);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Reading and judging a request head                                                        */
+
+/* Finds the end of the head in p[0..n), resuming after `from`. Returns the head length or 0.
+ * A bare-LF blank line also ends the search, so that a client using bare LF gets a 400 now
+ * instead of waiting for the header timeout: the parser refuses it. */
+static size_t find_head_end(const char *p, size_t n, size_t from)
+{
+    size_t i = from > 3 ? from - 3 : 0;
+    for (; i < n; i++) {
+        const char *nl = memchr(p + i, '\n', n - i);
+        if (!nl)
+            return 0;
+        i = (size_t)(nl - p);
+        if (i >= 1 && p[i - 1] == '\n')
+            return i + 1;
+        if (i >= 3 && p[i - 1] == '\r' && p[i - 2] == '\n' && p[i - 3] == '\r')
+            return i + 1;
+    }
+    return 0;
+}
+
+static const bw_route_conf *match_route(const bw_config *cfg, const char *host, size_t host_len,
+                                        const char *path, size_t path_len)
+{
+    for (size_t i = 0; i < cfg->n_routes; i++) {
+        const bw_route_conf *r = &cfg->routes[i];
+        if (r->host) {
+            size_t hl = strlen(r->host);
+            if (hl != host_len || strncasecmp(r->host, host, hl) != 0)
+                continue;
+        }
+        if (r->path_prefix_len > path_len || memcmp(r->path_prefix, path, r->path_prefix_len) != 0)
+            continue;
+        return r;
+    }
+    return NULL;
+}
+
+/* Splits the target into the authority (absolute-form only) and the origin-form path. */
+static void split_target(const bw_http_head *h, const char **auth, size_t *auth_len,
+                         const char **path, size_t *path_len)
+{
+    const char *t = h->target;
+    size_t n = h->target_len;
+    *auth = NULL;
+    *auth_len = 0;
+    if (n > 0 && t[0] != '/' && t[0] != '*') {
+        const char *sep = memchr(t, ':', n);
+        if (sep && (size_t)(sep - t) + 3 <= n && sep[1] == '/' && sep[2] == '/') {
+            const char *a = sep + 3;
+            const char *end = t + n;
+            const char *slash = memchr(a, '/', (size_t)(end - a));
+            const char *q = memchr(a, '?', (size_t)(end - a));
+            if (q && (!slash || q < slash))
+                slash = q;
+            *auth = a;
+            *auth_len = (size_t)((slash ? slash : end) - a);
+            *path = slash ? slash : "/";
+            *path_len = slash ? (size_t)(end - slash) : 1;
+            return;
+        }
+    }
+    *path = t;
+    *path_len = n;
+}
+
+/* Host without the port, for route matching. */
+static void host_name(const char *h, size_t n, const char **out, size_t *out_len)
+{
+    *out = h;
+    if (n > 0 && h[0] == '[') {
+        const char *rb = memchr(h, ']', n);
+        *out_len = rb ? (size_t)(rb - h) + 1 : n;
+        return;
+    }
+    const char *colon = memchr(h, ':', n);
+    *out_len = colon ? (size_t)(colon - h) : n;
+}
+
+static bool valid_request_id(const char *v, size_t n)
+{
+    if (n == 0 || n > 64)
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)v[i];
+        if (c <= 0x20 || c >= 0x7f || c == '"' || c == '\\')
+            return false;
+    }
+    return true;
+}
+
+static bool is_hop_by_hop(const char *name, size_t len)
+{
+    static const char *const hop[] = {
+        "connection", "keep-alive", "proxy-connection", "te",     "trailer",
+        "transfer-encoding", "upgrade", "content-length", "expect",
+    };
+    for (size_t i = 0; i < sizeof(hop) / sizeof(hop[0]); i++)
+        if (bw_http_name_eq(name, len, hop[i]))
+            return true;
+    return false;
+}
+
+typedef struct conn_tokens {
+    const char *tok[BW_MAX_CONN_TOKENS];
+    size_t len[BW_MAX_CONN_TOKENS];
+    size_t n;
+} conn_tokens;
+
+/* Collects the header names listed in Connection headers: they are hop-by-hop too. */
+static void collect_conn_tokens(const bw_http_head *h, conn_tokens *ct)
+{
+    ct->n = 0;
+    for (size_t i = 0; i < h->n_headers; i++) {
+        const bw_http_header *hd = &h->headers[i];
+        if (!bw_http_name_eq(hd->name, hd->name_len, "connection"))
+            continue;
+        const char *p = hd->value, *end = hd->value + hd->value_len;
+        while (p < end && ct->n < BW_MAX_CONN_TOKENS) {
+            while (p < end && (*p == ',' || *p == ' ' || *p == '\t'))
+                p++;
+            const char *start = p;
+            while (p < end && *p != ',' && *p != ' ' && *p != '\t')
+                p++;
+            if (p > start) {
+                ct->tok[ct->n] = start;
+                ct->len[ct->n] = (size_t)(p - start);
+                ct->n++;
+            }
+        }
+    }
+}
+
+static bool named_in_connection(const conn_tokens *ct, const char *name, size_t len)
+{
+    for (size_t i = 0; i < ct->n; i++)
+        if (ct->len[i] == len && strncasecmp(ct->tok[i], name, len) == 0)
+            return true;
+    return false;
+}
+
+/* Writes the request head the upstream will see into ex->replay. */
+static void build_upstream_head(bw_session *s, bw_exchange *ex, const char *auth, size_t auth_len,
+                                const char *path, size_t path_len)
+{
+    const bw_http_head *h = &s->req;
+    struct evbuffer *b = ex->replay;
+    conn_tokens ct;
+    collect_conn_tokens(h, &ct);
+
+    evbuffer_add(b, h->method_str, h->method_len);
+    evbuffer_add(b, " ", 1);
+    evbuffer_add(b, path, path_len);
+    evbuffer_add(b, " HTTP/1.1\r\n", 11);
+
+    const char *xff[8];
+    size_t xff_len[8], n_xff = 0;
+    bool have_host = false;
+    for (size_t i = 0; i < h->n_headers; i++) {
+        const bw_http_header *hd = &h->headers[i];
+        if (is_hop_by_hop(hd->name, hd->name_len) ||
+            named_in_connection(&ct, hd->name, hd->name_len))
+            continue;
+        if (bw_http_name_eq(hd->name, hd->name_len, "x-forwarded-for")) {
+            if (n_xff < 8 && hd->value_len > 0) {
+                xff[n_xff] = hd->value;
+                xff_len[n_xff++] = hd->value_len;
+            }
+            continue;
+        }
+        if (bw_http_name_eq(hd->name, hd->name_len, "x-forwarded-proto") ||
+            bw_http_name_eq(hd->name, hd->name_len, "x-request-id"))
+            continue;
+        if (bw_http_name_eq(hd->name, hd->name_len, "host")) {
+            have_host = true;
+            if (auth) {
+                /* RFC 9112 3.2.2: the authority of an absolute-form target replaces Host. */
+                evbuffer_add(b, "Host: ", 6);
+                evbuffer_add(b, auth, auth_len);
+                evbuffer_add(b, "\r\n", 2);
+                continue;
+            }
+        }
+        evbuffer_add(b, hd->name, hd->name_len);
+        evbuffer_add(b, ": ", 2);
+        evbuffer_add(b, hd->value, hd->value_len);
+        evbuffer_add(b, "\r\n", 2);
+    }
+    if (!have_host) {
+        evbuffer_add(b, "Host: ", 6);
+        if (auth)
+            evbuffer_add(b, auth, auth_len);
+        else
+            evbuffer_add(b, ex->pool->servers[0].conf->address,
+                         strlen(ex->pool->servers[0].conf->address));
+        evbuffer_add(b, "\r\n", 2);
+    }
+    evbuffer_add(b, "X-Forwarded-For: ", 17);
+    for (size_t i = 0; i < n_xff; i++) {
+        evbuffer_add(b, xff[i], xff_len[i]);
+        evbuffer_add(b, ", ", 2);
+    }
+    evbuffer_add(b, s->peer_ip, strlen(s->peer_ip));
+    evbuffer_add_printf(b, "\r\nX-Forwarded-Proto: %s\r\nX-Request-Id: ", s->tls ? "https" : "http");
+    evbuffer_add(b, ex->reqid, ex->reqid_len);
+    evbuffer_add(b, "\r\n", 2);
+    if (ex->req_framing == BW_BODY_LENGTH)
+        evbuffer_add_printf(b, "Content-Length: %llu\r\n", (unsigned long long)ex->req_left);
+    else if (ex->req_framing == BW_BODY_CHUNKED)
+        evbuffer_add(b, "Transfer-Encoding: chunked\r\n", 28);
+    evbuffer_add(b, "\r\n", 2);
+}
+
+static void set_request_id(bw_session *s, bw_exchange *ex)
+{
+    const bw_http_head *h = &s->req;
+    for (size_t i = 0; i < h->n_headers; i++) {
+        const bw_http_header *hd = &h->headers[i];
+        if (bw_http_name_eq(hd->name, hd->name_len, "x-request-id") &&
+            valid_request_id(hd->value, hd->value_len)) {
+            memcpy(ex->reqid, hd->value, hd->value_len);
+            ex->reqid_len = hd->value_len;
+            return;
+        }
+    }
+    uint64_t a = next_random(&s->w->reqid_state), b = next_random(&s->w->reqid_state);
+    ex->reqid_len = (size_t)snprintf(ex->reqid, sizeof(ex->reqid), "%016llx%016llx",
+                                     (unsigned long long)a, (unsigned long long)b);
+}
+
+/* A complete, valid head is in s->req: decide what to do with the request. */
+static void dispatch_request(bw_session *s)
+{
+    bw_exchange *ex = &s->ex;
+    const bw_config *cfg = s->w->cfg;
+    const bw_http_head *h = &s->req;
+
+    ex->req_framing = h->framing;
+    ex->req_left = h->framing == BW_BODY_LENGTH ? h->content_length : 0;
+    ex->req_done = h->framing == BW_BODY_NONE ||
+                   (h->framing == BW_BODY_LENGTH && h->content_length == 0);
+    if (h->framing == BW_BODY_CHUNKED)
+        bw_chunked_init(&ex->req_chunk);
+    if (h->conn_close)
+        s->close_after = true;
+    set_request_id(s, ex);
+
+    if (h->expect_other) {
+        send_error(s, 417, "unsupported expectation");
+        return;
+    }
+    if (h->method == BW_METHOD_CONNECT) {
+        send_error(s, 405, "CONNECT not supported");
+        return;
+    }
+    if (cfg->limits.max_body_bytes && h->framing == BW_BODY_LENGTH &&
+        h->content_length > cfg->limits.max_body_bytes) {
+        send_error(s, 413, "body too large");
+        return;
+    }
+
+    const char *auth, *path;
+    size_t auth_len, path_len;
+    split_target(h, &auth, &auth_len, &path, &path_len);
+    const char *host = auth;
+    size_t host_len = auth_len;
+    if (!host && h->host_index >= 0) {
+        host = h->headers[h->host_index].value;
+        host_len = h->headers[h->host_index].value_len;
+    }
+    const char *hn = "";
+    size_t hn_len = 0;
+    if (host)
+        host_name(host, host_len, &hn, &hn_len);
+
+    if (cfg->probes_on_listeners && h->method == BW_METHOD_GET && path_len == 8 &&
+        memcmp(path, "/healthz", 8) == 0) {
+        if (!ex->req_done)
+            s->close_after = true;
+        send_local(s, 200, "ok\n", "text/plain", false);
+        return;
+    }
+
+    const bw_route_conf *r = match_route(cfg, hn, hn_len, path, path_len);
+    if (!r) {
+        send_error(s, 404, "no route");
+        return;
+    }
+    ex->route = r;
+    ex->pool = &s->w->pools[r->upstream];
+    ex->idempotent = bw_http_method_idempotent(h->method);
+
+    ex->replay = evbuffer_new();
+    if (!ex->replay) {
+        send_error(s, 503, "out of memory");
+        return;
+    }
+    ex->replayable = true;
+    build_upstream_head(s, ex, auth, auth_len, path, path_len);
+
+    if (h->expect_continue && !ex->req_done && h->version_minor == 1) {
+        /* We answer the expectation ourselves and strip it: the body is streamed anyway. */
+        evbuffer_add(bufferevent_get_output(s->bev), "HTTP/1.1 100 Continue\r\n\r\n", 25);
+    }
+    /* While the body waits for the upstream connection, buffer at most BW_HIGH_WATER of it. */
+    bufferevent_setwatermark(s->bev, EV_READ, 0, BW_HIGH_WATER);
+    if (!ex->req_done) {
+        struct timeval idle = ms_tv(cfg->limits.client_idle_timeout_ms);
+        bufferevent_set_timeouts(s->bev, &idle, &idle);
+    }
+    start_attempt(ex, NULL, true);
+}
+
+static void session_try_head(bw_session *s)
+{
+    bw_worker *w = s->w;
+    struct evbuffer *in = bufferevent_get_input(s->bev);
+    size_t len = evbuffer_get_length(in);
+
+    /* RFC 9112 2.2: ignore empty lines before a request line. */
+    while (len >= 2 && s->scanned == 0) {
+        unsigned char two[2];
+        evbuffer_copyout(in, two, 2);
+        if (two[0] != '\r' || two[1] != '\n')
+            break;
+        evbuffer_drain(in, 2);
+        len -= 2;
+    }
+    if (len == 0)
+        return;
+    arm_head_timer(s, true);
+
+    size_t limit = w->cfg->limits.max_header_bytes;
+    size_t window = len < limit + 4 ? len : limit + 4;
+    const char *p = (const char *)evbuffer_pullup(in, (ev_ssize_t)window);
+    size_t head_len = p ? find_head_end(p, window, s->scanned) : 0;
+    bw_exchange *ex = &s->ex;
+    if (head_len == 0) {
+        s->scanned = window;
+        if (len > limit) {
+            s->state = SS_EXCHANGE;
+            ex->wall_start_ms = wall_ms();
+            clock_gettime(CLOCK_MONOTONIC, &ex->t_start);
+            ex->req_done = true;
+            evbuffer_drain(in, len);
+            send_error(s, 431, "request head too large");
+        }
+        return;
+    }
+    evtimer_del(s->timer);
+    s->state = SS_EXCHANGE;
+    ex->wall_start_ms = wall_ms();
+    clock_gettime(CLOCK_MONOTONIC, &ex->t_start);
+    ex->connect_ms = -1;
+    ex->response_ms = -1;
+    if (head_len > limit) {
+        ex->req_done = true;
+        send_error(s, 431, "request head too large");
+        return;
+    }
+    if (s->head_cap < head_len) {
+        size_t cap = head_len < 4096 ? 4096 : head_len;
+        char *nh = realloc(s->head, cap);
+        if (!nh) {
+            ex->req_done = true;
+            send_error(s, 503, "out of memory");
+            return;
+        }
+        s->head = nh;
+        s->head_cap = cap;
+    }
+    memcpy(s->head, p, head_len);
+    evbuffer_drain(in, head_len);
+
+    bw_http_status st = bw_http_parse_request(s->head, head_len, w->cfg->limits.max_headers,
+                                              &s->req);
+    if (st != BW_HTTP_OK) {
+        bw_log_debug(w->log, "client %s: refused request: %s", s->peer,
+                     s->req.error ? s->req.error : "invalid");
+        ex->req_done = true;
+        s->req.method_str = NULL; /* nothing of it is trustworthy enough to log as fields */
+        send_error(s, (int)st, s->req.error ? s->req.error : "invalid request");
+        return;
+    }
+    dispatch_request(s);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Request body: client -> upstream                                                          */
+
+static void add_upstream(bw_exchange *ex, struct evbuffer *out, struct evbuffer *src, size_t n)
+{
+    if (ex->replayable) {
+        if (evbuffer_get_length(ex->replay) + n <= BW_REPLAY_MAX) {
+            /* keep a copy for a possible retry */
+            struct evbuffer_ptr pos;
+            evbuffer_ptr_set(src, &pos, 0, EVBUFFER_PTR_SET);
+            char tmp[16384];
+            size_t done = 0;
+            while (done < n) {
+                size_t k = n - done < sizeof(tmp) ? n - done : sizeof(tmp);
+                evbuffer_ptr_set(src, &pos, done, EVBUFFER_PTR_SET);
+                ev_ssize_t got = evbuffer_copyout_from(src, &pos, tmp, k);
+                if (got <= 0)
+                    break;
+                evbuffer_add(ex->replay, tmp, (size_t)got);
+                done += (size_t)got;
+            }
+        } else {
+            ex->replayable = false;
+            evbuffer_free(ex->replay);
+            ex->replay = NULL;
+        }
+    }
+    evbuffer_remove_buffer(src, out, n);
+    ex->out_added += n;
+    ex->bytes_in += n;
+    ex->req_started = true;
+}
+
+static void request_body_done(bw_exchange *ex)
+{
+    ex->req_done = true;
+    if (ex->uc && ex->uc->connected && ex->rstate == RS_WAIT_HEAD) {
+        struct timeval rt = ms_tv(ex->pool->conf->response_timeout_ms);
+        bufferevent_set_timeouts(ex->uc->bev, &rt, &rt);
+    }
+    /* Pipelined bytes may follow; keep them bounded until this exchange ends. */
+    bw_session *s = ex->s;
+    bufferevent_setwatermark(s->bev, EV_READ, 0, s->w->cfg->limits.max_header_bytes + 4096);
+    struct timeval idle = ms_tv(s->w->cfg->limits.client_idle_timeout_ms);
+    bufferevent_set_timeouts(s->bev, NULL, &idle);
+}
+
+/* Bytes of a chunked body that form a prefix of valid encoding, fed across evbuffer segments. */
+static size_t chunked_scan(bw_chunked *c, struct evbuffer *in, bw_chunk_data_fn fn, void *arg)
+{
+    size_t total = 0;
+    struct evbuffer_iovec vec[16];
+    int n = evbuffer_peek(in, -1, NULL, vec, 16);
+    if (n > 16)
+        n = 16;
+    for (int i = 0; i < n; i++) {
+        size_t used = bw_chunked_feed(c, vec[i].iov_base, vec[i].iov_len, fn, arg);
+        total += used;
+        if (c->state == BW_CHUNK_DONE || c->state == BW_CHUNK_ERROR || used < vec[i].iov_len)
+            break;
+    }
+    return total;
+}
+
+static void forward_request_body(bw_exchange *ex)
+{
+    bw_session *s = ex->s;
+    if (ex->req_done || !ex->uc || !ex->uc->connected)
+        return;
+    struct evbuffer *in = bufferevent_get_input(s->bev);
+    struct evbuffer *out = bufferevent_get_output(ex->uc->bev);
+    const bw_config *cfg = s->w->cfg;
+    size_t avail = evbuffer_get_length(in);
+
+    if (ex->req_framing == BW_BODY_LENGTH) {
+        size_t n = avail < ex->req_left ? avail : (size_t)ex->req_left;
+        if (n > 0) {
+            add_upstream(ex, out, in, n);
+            ex->req_left -= n;
+        }
+        if (ex->req_left == 0)
+            request_body_done(ex);
+    } else if (ex->req_framing == BW_BODY_CHUNKED && avail > 0) {
+        size_t n = chunked_scan(&ex->req_chunk, in, NULL, NULL);
+        if (cfg->limits.max_body_bytes && ex->bytes_in + n > cfg->limits.max_body_bytes + 65536 &&
+            ex->req_chunk.state != BW_CHUNK_DONE) {
+            ex->error = "body too large";
+            exchange_release_upstream(ex, false);
+            if (!ex->resp_started)
+                send_error(s, 413, "body too large");
+            else
+                session_free(s);
+            return;
+        }
+        if (n > 0)
+            add_upstream(ex, out, in, n);
+        if (ex->req_chunk.state == BW_CHUNK_ERROR) {
+            bw_log_debug(s->w->log, "client %s: malformed chunked body: %s", s->peer,
+                         ex->req_chunk.error ? ex->req_chunk.error : "?");
+            /* The upstream has a partial request: it must never see it completed. */
+            exchange_release_upstream(ex, false);
+            ex->req_done = true;
+            if (!ex->resp_started)
+                send_error(s, 400, "malformed chunked body");
+            else
+                session_free(s);
+            return;
+        }
+        if (ex->req_chunk.state == BW_CHUNK_DONE)
+            request_body_done(ex);
+    }
+
+    if (!ex->req_done && evbuffer_get_length(out) > BW_HIGH_WATER) {
+        bufferevent_disable(s->bev, EV_READ);
+        ex->client_paused = true;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Upstream connection                                                                       */
+
+static void up_read_cb(struct bufferevent *bev, void *arg);
+static void up_write_cb(struct bufferevent *bev, void *arg);
+static void up_event_cb(struct bufferevent *bev, short what, void *arg);
+
+static void upstream_connected(bw_exchange *ex)
+{
+    bw_upconn *uc = ex->uc;
+    uc->connected = true;
+    if (ex->connect_ms < 0)
+        ex->connect_ms = ms_since(&ex->t_attempt);
+    struct timeval rt = ms_tv(ex->pool->conf->response_timeout_ms);
+    bufferevent_set_timeouts(uc->bev, ex->req_done ? &rt : NULL, &rt);
+    bufferevent_setwatermark(uc->bev, EV_WRITE, BW_LOW_WATER, 0);
+    bufferevent_enable(uc->bev, EV_READ | EV_WRITE);
+    forward_request_body(ex);
+}
+
+/* Sends the request (head and the body held for replay) on a connection to `same`, or to a
+ * server the balancer picks. A server whose connect fails at once is skipped while the retry
+ * budget lasts. */
+static void start_attempt(bw_exchange *ex, bw_server *same, bool allow_reuse)
+{
+    bw_session *s = ex->s;
+    bw_upconn *uc;
+    for (;;) {
+        bw_server *server = same ? same : bw_upstream_pick(ex->pool, ex->server);
+        same = NULL;
+        ex->server = server;
+        ex->attempts++;
+        clock_gettime(CLOCK_MONOTONIC, &ex->t_attempt);
+        errno = 0;
+        uc = bw_upstream_acquire(server, allow_reuse);
+        if (uc)
+            break;
+        bw_log_warn(s->w->log, "upstream %s: cannot connect to %s: %s", ex->pool->conf->name,
+                    server->conf->address, strerror(errno ? errno : ECONNREFUSED));
+        if (ex->attempts > (int)ex->pool->conf->retries || !ex->replayable) {
+            ex->error = "connect";
+            send_error(s, 502, "upstream connect failed");
+            return;
+        }
+        allow_reuse = false;
+    }
+    ex->uc = uc;
+    uc->owner = ex;
+    ex->rstate = RS_WAIT_HEAD;
+    ex->resp_scanned = 0;
+    bufferevent_setcb(uc->bev, up_read_cb, up_write_cb, up_event_cb, ex);
+    size_t rlen = evbuffer_get_length(ex->replay);
+    evbuffer_add(bufferevent_get_output(uc->bev), evbuffer_pullup(ex->replay, -1), rlen);
+    ex->out_added = rlen;
+    if (uc->connected)
+        upstream_connected(ex);
+    else
+        bufferevent_enable(uc->bev, EV_READ | EV_WRITE);
+}
+
+typedef enum retry_kind {
+    RETRY_NONE,
+    RETRY_SAME_FRESH, /* the pooled connection was stale: same server, new connection */
+    RETRY_OTHER,      /* next server by the balancing rule */
+} retry_kind;
+
+/* Decides whether a failed attempt may be repeated, per the rules at the top of the file. */
+static retry_kind may_retry(bw_exchange *ex, up_failure why, bool nothing_written,
+                            bool was_reused)
+{
+    if (ex->resp_started || !ex->replayable || !ex->replay)
+        return RETRY_NONE;
+    if (was_reused && why == UF_RESET && !ex->fresh_retry_used &&
+        (ex->idempotent || nothing_written)) {
+        ex->fresh_retry_used = true;
+        return RETRY_SAME_FRESH;
+    }
+    if (ex->attempts > (int)ex->pool->conf->retries)
+        return RETRY_NONE;
+    if (why == UF_CONNECT || why == UF_CONNECT_TIMEOUT)
+        return RETRY_OTHER;
+    if (why == UF_INVALID || !ex->idempotent || ex->pool->n_servers < 2)
+        return RETRY_NONE;
+    return RETRY_OTHER;
+}
+
+static const char *failure_name(up_failure why)
+{
+    switch (why) {
+    case UF_CONNECT: return "connect";
+    case UF_CONNECT_TIMEOUT: return "connect timeout";
+    case UF_RESET: return "reset";
+    case UF_TIMEOUT: return "timeout";
+    case UF_INVALID: return "invalid response";
+    }
+    return "?";
+}
+
+static void upstream_failed(bw_exchange *ex, up_failure why)
+{
+    bw_session *s = ex->s;
+    bw_upconn *uc = ex->uc;
+    bool was_reused = uc && uc->reused;
+    size_t unsent = uc ? evbuffer_get_length(bufferevent_get_output(uc->bev)) : 0;
+    bool nothing_written = uc && unsent >= ex->out_added;
+    const char *addr = ex->server ? ex->server->conf->address : "?";
+    exchange_release_upstream(ex, false);
+
+    if (!(was_reused && why == UF_RESET))
+        bw_log_warn(s->w->log, "upstream %s: server %s: %s (attempt %d)", ex->pool->conf->name,
+                    addr, failure_name(why), ex->attempts);
+    switch (may_retry(ex, why, nothing_written, was_reused)) {
+    case RETRY_SAME_FRESH:
+        ex->attempts--; /* a stale pooled connection does not use up the retry budget */
+        start_attempt(ex, ex->server, false);
+        return;
+    case RETRY_OTHER:
+        start_attempt(ex, NULL, true);
+        return;
+    case RETRY_NONE:
+        break;
+    }
+    ex->error = failure_name(why);
+    if (ex->resp_started) {
+        /* The client already has part of the response: cutting the connection is the only
+         * honest signal left. */
+        session_free(s);
+        return;
+    }
+    int status = (why == UF_TIMEOUT || why == UF_CONNECT_TIMEOUT) ? 504 : 502;
+    send_error(s, status, ex->error);
+}
+
+static void up_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+    (void)bev;
+    bw_exchange *ex = arg;
+    bw_upconn *uc = ex->uc;
+    if (what & BEV_EVENT_CONNECTED) {
+        upstream_connected(ex);
+        return;
+    }
+    if (what & BEV_EVENT_TIMEOUT) {
+        upstream_failed(ex, uc->connected ? UF_TIMEOUT : UF_CONNECT_TIMEOUT);
+        return;
+    }
+    if (!uc->connected) {
+        upstream_failed(ex, UF_CONNECT);
+        return;
+    }
+    if ((what & BEV_EVENT_EOF) && ex->rstate == RS_BODY && ex->resp_framing == BW_BODY_CLOSE) {
+        /* Let the read path take what is buffered, then end the body. */
+        forward_response_body(ex);
+        if (ex->rstate != RS_BODY)
+            return;
+        struct evbuffer *out = bufferevent_get_output(ex->s->bev);
+        if (ex->resp_chunk_encode) {
+            evbuffer_add(out, "0\r\n\r\n", 5);
+            ex->bytes_out += 5;
+        }
+        ex->up_keepalive = false;
+        ex->rstate = RS_DONE;
+        exchange_finish(ex);
+        return;
+    }
+    upstream_failed(ex, UF_RESET);
+}
+
+static void up_write_cb(struct bufferevent *bev, void *arg)
+{
+    (void)bev;
+    bw_exchange *ex = arg;
+    if (ex->client_paused && !ex->req_done) {
+        ex->client_paused = false;
+        bufferevent_enable(ex->s->bev, EV_READ);
+        forward_request_body(ex);
+    }
+}
+
+static void dechunk_cb(void *arg, const char *data, size_t len)
+{
+    bw_exchange *ex = arg;
+    evbuffer_add(bufferevent_get_output(ex->s->bev), data, len);
+    ex->bytes_out += len;
+}
+
+static void response_complete(bw_exchange *ex)
+{
+    ex->rstate = RS_DONE;
+    bool reusable = ex->up_keepalive && ex->req_done && ex->uc &&
+                    evbuffer_get_length(bufferevent_get_input(ex->uc->bev)) == 0;
+    exchange_release_upstream(ex, reusable);
+    exchange_finish(ex);
+}
+
+static void forward_response_body(bw_exchange *ex)
+{
+    bw_session *s = ex->s;
+    struct evbuffer *in = bufferevent_get_input(ex->uc->bev);
+    struct evbuffer *out = bufferevent_get_output(s->bev);
+    size_t avail = evbuffer_get_length(in);
+
+    switch (ex->resp_framing) {
+    case BW_BODY_LENGTH: {
+        size_t n = avail < ex->resp_left ? avail : (size_t)ex->resp_left;
+        if (n) {
+            evbuffer_remove_buffer(in, out, n);
+            ex->resp_left -= n;
+            ex->bytes_out += n;
+        }
+        if (ex->resp_left == 0) {
+            response_complete(ex);
+            return;
+        }
+        break;
+    }
+    case BW_BODY_CHUNKED: {
+        if (avail == 0)
+            break;
+        size_t n = chunked_scan(&ex->resp_chunk, in, ex->resp_dechunk ? dechunk_cb : NULL, ex);
+        if (ex->resp_dechunk) {
+            evbuffer_drain(in, n);
+        } else {
+            evbuffer_remove_buffer(in, out, n);
+            ex->bytes_out += n;
+        }
+        if (ex->resp_chunk.state == BW_CHUNK_ERROR) {
+            bw_log_warn(s->w->log, "upstream %s: server %s: malformed chunked response: %s",
+                        ex->pool->conf->name, ex->server->conf->address,
+                        ex->resp_chunk.error ? ex->resp_chunk.error : "?");
+            ex->error = "invalid response body";
+            session_free(s);
+            return;
+        }
+        if (ex->resp_chunk.state == BW_CHUNK_DONE) {
+            response_complete(ex);
+            return;
+        }
+        break;
+    }
+    case BW_BODY_CLOSE:
+        if (avail == 0)
+            break;
+        if (ex->resp_chunk_encode) {
+            char hdr[24];
+            int k = snprintf(hdr, sizeof(hdr), "%zx\r\n", avail);
+            evbuffer_add(out, hdr, (size_t)k);
+            evbuffer_remove_buffer(in, out, avail);
+            evbuffer_add(out, "\r\n", 2);
+            ex->bytes_out += avail + (size_t)k + 2;
+        } else {
+            evbuffer_remove_buffer(in, out, avail);
+            ex->bytes_out += avail;
+        }
+        break;
+    case BW_BODY_NONE:
+        response_complete(ex);
+        return;
+    }
+    if (evbuffer_get_length(out) > BW_HIGH_WATER && ex->uc) {
+        bufferevent_disable(ex->uc->bev, EV_READ);
+        ex->up_paused = true;
+    }
+}
+
+/* Writes the client-facing response head for a parsed upstream head. */
+static void write_response_head(bw_exchange *ex, const bw_http_head *r)
+{
+    bw_session *s = ex->s;
+    struct evbuffer *out = bufferevent_get_output(s->bev);
+    bool client11 = s->req.version_minor == 1;
+    conn_tokens ct;
+    collect_conn_tokens(r, &ct);
+
+    size_t before = evbuffer_get_length(out);
+    evbuffer_add_printf(out, "HTTP/1.1 %d ", r->status);
+    evbuffer_add(out, r->reason, r->reason_len);
+    evbuffer_add(out, "\r\n", 2);
+    /* Content-Length is meaningful on HEAD and 304 responses too: keep it as sent there. */
+    bool no_body = ex->resp_framing == BW_BODY_NONE;
+    for (size_t i = 0; i < r->n_headers; i++) {
+        const bw_http_header *hd = &r->headers[i];
+        bool keep_cl = no_body && bw_http_name_eq(hd->name, hd->name_len, "content-length");
+        if (!keep_cl && (is_hop_by_hop(hd->name, hd->name_len) ||
+                         named_in_connection(&ct, hd->name, hd->name_len)))
+            continue;
+        evbuffer_add(out, hd->name, hd->name_len);
+        evbuffer_add(out, ": ", 2);
+        evbuffer_add(out, hd->value, hd->value_len);
+        evbuffer_add(out, "\r\n", 2);
+    }
+    if (ex->resp_framing == BW_BODY_LENGTH) {
+        evbuffer_add_printf(out, "Content-Length: %llu\r\n",
+                            (unsigned long long)r->content_length);
+    } else if (ex->resp_framing == BW_BODY_CHUNKED || ex->resp_framing == BW_BODY_CLOSE) {
+        if (client11) {
+            evbuffer_add(out, "Transfer-Encoding: chunked\r\n", 28);
+            ex->resp_chunk_encode = ex->resp_framing == BW_BODY_CLOSE;
+        } else {
+            ex->resp_dechunk = ex->resp_framing == BW_BODY_CHUNKED;
+            s->close_after = true; /* an HTTP/1.0 client learns the end from the close */
+        }
+    }
+    if (s->w->draining)
+        s->close_after = true;
+    if (s->close_after)
+        evbuffer_add(out, "Connection: close\r\n", 19);
+    else if (!client11)
+        evbuffer_add(out, "Connection: keep-alive\r\n", 24);
+    evbuffer_add(out, "\r\n", 2);
+    ex->bytes_out += evbuffer_get_length(out) - before;
+    ex->resp_started = true;
+}
+
+static void read_response_head(bw_exchange *ex)
+{
+    bw_session *s = ex->s;
+    struct evbuffer *in = bufferevent_get_input(ex->uc->bev);
+    for (;;) {
+        size_t len = evbuffer_get_length(in);
+        if (len == 0)
+            return;
+        size_t window = len < BW_RESPONSE_HEAD_MAX ? len : BW_RESPONSE_HEAD_MAX;
+        const char *p = (const char *)evbuffer_pullup(in, (ev_ssize_t)window);
+        size_t head_len = p ? find_head_end(p, window, ex->resp_scanned) : 0;
+        if (head_len == 0) {
+            ex->resp_scanned = window;
+            if (len >= BW_RESPONSE_HEAD_MAX)
+                upstream_failed(ex, UF_INVALID);
+            return;
+        }
+        bw_http_head *r = malloc(sizeof(*r));
+        if (!r) {
+            upstream_failed(ex, UF_INVALID);
+            return;
+        }
+        bw_http_status st = bw_http_parse_response(p, head_len, BW_HTTP_MAX_HEADERS_HARD,
+                                                   s->req.method, r);
+        if (st != BW_HTTP_OK) {
+            bw_log_warn(s->w->log, "upstream %s: server %s: invalid response head: %s",
+                        ex->pool->conf->name, ex->server->conf->address,
+                        r->error ? r->error : "?");
+            free(r);
+            upstream_failed(ex, UF_INVALID);
+            return;
+        }
+        if (r->status >= 100 && r->status < 200) {
+            /* Interim responses: 100 is ours to send (we handled Expect), others are dropped;
+             * 101 cannot happen since Upgrade is never forwarded, so treat it as invalid. */
+            int code = r->status;
+            free(r);
+            evbuffer_drain(in, head_len);
+            ex->resp_scanned = 0;
+            if (code == 101) {
+                upstream_failed(ex, UF_INVALID);
+                return;
+            }
+            continue;
+        }
+        ex->response_ms = ms_since(&ex->t_attempt);
+        ex->status = r->status;
+        ex->resp_framing = r->framing;
+        ex->resp_left = r->framing == BW_BODY_LENGTH ? r->content_length : 0;
+        if (r->framing == BW_BODY_CHUNKED)
+            bw_chunked_init(&ex->resp_chunk);
+        ex->up_keepalive = r->version_minor == 1 ? !r->conn_close : r->conn_keep_alive;
+        if (r->framing == BW_BODY_CLOSE)
+            ex->up_keepalive = false;
+        write_response_head(ex, r);
+        free(r);
+        evbuffer_drain(in, head_len);
+        ex->rstate = RS_BODY;
+        /* From here on the read timeout is the gap allowed between body reads. */
+        forward_response_body(ex);
+        return;
+    }
+}
+
+static void up_read_cb(struct bufferevent *bev, void *arg)
+{
+    (void)bev;
+    bw_exchange *ex = arg;
+    if (ex->rstate == RS_WAIT_HEAD)
+        read_response_head(ex);
+    else if (ex->rstate == RS_BODY)
+        forward_response_body(ex);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Client connection callbacks                                                               */
+
+static void client_read_cb(struct bufferevent *bev, void *arg)
+{
+    bw_session *s = arg;
+    switch (s->state) {
+    case SS_HEAD:
+        session_try_head(s);
+        break;
+    case SS_EXCHANGE:
+        if (!s->ex.req_done)
+            forward_request_body(&s->ex);
+        break;
+    case SS_CLOSING:
+        evbuffer_drain(bufferevent_get_input(bev), evbuffer_get_length(bufferevent_get_input(bev)));
+        break;
+    }
+}
+
+static void client_write_cb(struct bufferevent *bev, void *arg)
+{
+    bw_session *s = arg;
+    if (s->state == SS_CLOSING) {
+        if (evbuffer_get_length(bufferevent_get_output(bev)) == 0)
+            session_free(s);
+        return;
+    }
+    bw_exchange *ex = &s->ex;
+    if (s->state == SS_EXCHANGE && ex->up_paused && ex->uc &&
+        evbuffer_get_length(bufferevent_get_output(bev)) <= BW_LOW_WATER) {
+        ex->up_paused = false;
+        bufferevent_enable(ex->uc->bev, EV_READ);
+        forward_response_body(ex);
+    }
+}
+
+static void client_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+    (void)bev;
+    bw_session *s = arg;
+    if (what & BEV_EVENT_CONNECTED)
+        return; /* TLS handshake finished */
+    if (what & BEV_EVENT_ERROR)
+        ERR_clear_error();
+    if ((what & BEV_EVENT_EOF) && s->state == SS_EXCHANGE && s->ex.req_done &&
+        !(what & BEV_EVENT_ERROR)) {
+        /* A client may half-close after sending its request: answer it, then close. */
+        s->close_after = true;
+        return;
+    }
+    if (s->state == SS_EXCHANGE && !s->ex.error)
+        s->ex.error = (what & BEV_EVENT_TIMEOUT) ? "client timeout" : "client closed";
+    if (s->state == SS_EXCHANGE && s->ex.pool) {
+        if (!s->ex.resp_started)
+            s->ex.status = 499; /* nginx's code for "client closed request" */
+        access_log(s, &s->ex);
+    }
+    session_free(s);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+
+void bw_proxy_drain(bw_worker *w)
+{
+    bw_session *s = w->sessions;
+    while (s) {
+        bw_session *next = s->next;
+        if (s->state == SS_HEAD && s->served > 0 &&
+            evbuffer_get_length(bufferevent_get_input(s->bev)) == 0)
+            session_free(s);
+        else
+            s->close_after = true;
+        s = next;
+    }
+}
+
+void bw_proxy_close_all(bw_worker *w)
+{
+    while (w->sessions)
+        session_free(w->sessions);
+}

@@ -1,0 +1,237 @@
+/*
+ * Upstream pools: which server gets the next request, and the per-worker keep-alive pool.
+ *
+ * Each worker has its own pools (nothing here is shared between processes), so least_conn counts
+ * the connections this worker has open, as nginx does without a shared zone. Idle connections
+ * sit in a most-recently-used list per server: reusing the warmest one keeps the set of live
+ * connections small and lets the cold ones reach their idle timeout. Before an idle connection
+ * is handed out it is checked with a non-blocking MSG_PEEK, because an upstream that closed it
+ * while it sat in the pool would otherwise swallow the next request.
+ */
+#include "breakwater/upstream.h"
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <event2/buffer.h>
+
+static void idle_unlink(bw_upconn *c)
+{
+    bw_server *s = c->server;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        s->idle_head = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    c->next = c->prev = NULL;
+    s->n_idle--;
+}
+
+static void upconn_free(bw_upconn *c)
+{
+    if (c->bev)
+        bufferevent_free(c->bev);
+    free(c);
+}
+
+/* While idle, any event means the connection is no longer usable: the upstream closed it, sent
+ * bytes nobody asked for, or the keep-alive timeout passed. */
+static void idle_read_cb(struct bufferevent *bev, void *arg)
+{
+    (void)bev;
+    bw_upconn *c = arg;
+    idle_unlink(c);
+    upconn_free(c);
+}
+
+static void idle_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+    (void)bev;
+    (void)what;
+    bw_upconn *c = arg;
+    idle_unlink(c);
+    upconn_free(c);
+}
+
+bw_upstream_pool *bw_upstream_pools_new(struct event_base *base, const bw_config *cfg)
+{
+    bw_upstream_pool *pools = calloc(cfg->n_upstreams ? cfg->n_upstreams : 1, sizeof(*pools));
+    if (!pools)
+        return NULL;
+    for (size_t i = 0; i < cfg->n_upstreams; i++) {
+        bw_upstream_pool *p = &pools[i];
+        p->conf = &cfg->upstreams[i];
+        p->base = base;
+        p->n_servers = p->conf->n_servers;
+        p->servers = calloc(p->n_servers ? p->n_servers : 1, sizeof(bw_server));
+        if (!p->servers) {
+            bw_upstream_pools_free(pools, i);
+            return NULL;
+        }
+        for (size_t j = 0; j < p->n_servers; j++) {
+            p->servers[j].conf = &p->conf->servers[j];
+            p->servers[j].pool = p;
+        }
+    }
+    return pools;
+}
+
+void bw_upstream_pools_close_idle(bw_upstream_pool *pools, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        for (size_t j = 0; j < pools[i].n_servers; j++) {
+            bw_server *s = &pools[i].servers[j];
+            while (s->idle_head) {
+                bw_upconn *c = s->idle_head;
+                idle_unlink(c);
+                upconn_free(c);
+            }
+        }
+    }
+}
+
+void bw_upstream_pools_free(bw_upstream_pool *pools, size_t n)
+{
+    if (!pools)
+        return;
+    bw_upstream_pools_close_idle(pools, n);
+    for (size_t i = 0; i < n; i++)
+        free(pools[i].servers);
+    free(pools);
+}
+
+bw_server *bw_upstream_pick(bw_upstream_pool *pool, const bw_server *avoid)
+{
+    size_t n = pool->n_servers;
+    if (n == 0)
+        return NULL;
+    if (pool->conf->balance == BW_BALANCE_LEAST_CONN) {
+        /* Start the scan at a rotating offset so ties are spread instead of always going to
+         * the first server. */
+        size_t start = pool->rr_next++ % n;
+        bw_server *best = NULL;
+        for (size_t k = 0; k < n; k++) {
+            bw_server *s = &pool->servers[(start + k) % n];
+            if (s == avoid && n > 1)
+                continue;
+            if (!best || s->active < best->active)
+                best = s;
+        }
+        return best;
+    }
+    bw_server *s = &pool->servers[pool->rr_next++ % n];
+    if (s == avoid && n > 1)
+        s = &pool->servers[pool->rr_next++ % n];
+    return s;
+}
+
+/* True when an idle connection still looks usable: no EOF, no stray bytes, no pending error. */
+static bool idle_alive(bw_upconn *c)
+{
+    if (evbuffer_get_length(bufferevent_get_input(c->bev)) > 0)
+        return false;
+    evutil_socket_t fd = bufferevent_getfd(c->bev);
+    char byte;
+    ssize_t r = recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (r == 0 || r > 0)
+        return false;
+    return errno == EAGAIN || errno == EWOULDBLOCK;
+}
+
+static bw_upconn *connect_new(bw_server *server)
+{
+    bw_upstream_pool *pool = server->pool;
+    const bw_sockaddr *a = &server->conf->addr;
+    int fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return NULL;
+    int one = 1;
+    (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+
+    bw_upconn *c = calloc(1, sizeof(*c));
+    if (!c) {
+        close(fd);
+        return NULL;
+    }
+    c->server = server;
+    c->bev = bufferevent_socket_new(pool->base, fd, BEV_OPT_CLOSE_ON_FREE);
+    if (!c->bev) {
+        close(fd);
+        free(c);
+        return NULL;
+    }
+    bufferevent_set_max_single_read(c->bev, 65536);
+    bufferevent_set_max_single_write(c->bev, 65536);
+    struct timeval tv = {.tv_sec = pool->conf->connect_timeout_ms / 1000,
+                         .tv_usec = (pool->conf->connect_timeout_ms % 1000) * 1000};
+    /* libevent applies the write timeout to a connect in progress. */
+    bufferevent_set_timeouts(c->bev, NULL, &tv);
+    if (bufferevent_socket_connect(c->bev, (const struct sockaddr *)&a->ss, (int)a->len) < 0) {
+        int saved = errno;
+        upconn_free(c);
+        errno = saved ? saved : ECONNREFUSED;
+        return NULL;
+    }
+    return c;
+}
+
+bw_upconn *bw_upstream_acquire(bw_server *server, bool allow_reuse)
+{
+    while (allow_reuse && server->idle_head) {
+        bw_upconn *c = server->idle_head;
+        idle_unlink(c);
+        if (!idle_alive(c)) {
+            upconn_free(c);
+            continue;
+        }
+        bufferevent_disable(c->bev, EV_READ);
+        bufferevent_setcb(c->bev, NULL, NULL, NULL, NULL);
+        bufferevent_set_timeouts(c->bev, NULL, NULL);
+        c->reused = true;
+        server->active++;
+        return c;
+    }
+    bw_upconn *c = connect_new(server);
+    if (c)
+        server->active++;
+    return c;
+}
+
+void bw_upstream_release(bw_upconn *c)
+{
+    bw_server *s = c->server;
+    const bw_upstream_conf *uc = s->pool->conf;
+    s->active--;
+    c->owner = NULL;
+    if (s->n_idle >= uc->keepalive_max_idle ||
+        evbuffer_get_length(bufferevent_get_input(c->bev)) > 0 ||
+        evbuffer_get_length(bufferevent_get_output(c->bev)) > 0) {
+        upconn_free(c);
+        return;
+    }
+    c->prev = NULL;
+    c->next = s->idle_head;
+    if (s->idle_head)
+        s->idle_head->prev = c;
+    s->idle_head = c;
+    s->n_idle++;
+    struct timeval tv = {.tv_sec = uc->keepalive_timeout_ms / 1000,
+                         .tv_usec = (uc->keepalive_timeout_ms % 1000) * 1000};
+    bufferevent_setwatermark(c->bev, EV_READ, 0, 0);
+    bufferevent_setwatermark(c->bev, EV_WRITE, 0, 0);
+    bufferevent_set_timeouts(c->bev, &tv, NULL);
+    bufferevent_setcb(c->bev, idle_read_cb, NULL, idle_event_cb, c);
+    bufferevent_enable(c->bev, EV_READ);
+}
+
+void bw_upstream_close(bw_upconn *c)
+{
+    c->server->active--;
+    upconn_free(c);
+}

@@ -1,0 +1,204 @@
+/*
+ * Worker process: the event loop that runs the proxy.
+ *
+ * A worker is forked by the master with the configuration, the listening sockets and the TLS
+ * contexts already built; it only adds its own event base, its upstream pools and its sessions.
+ * It watches for three ways to end: SIGTERM/SIGINT from the master (drain), the master dying
+ * (PR_SET_PDEATHSIG turns that into SIGTERM, and a periodic getppid() check covers the instant
+ * between fork and prctl), and the drain deadline shutdown_timeout_ms.
+ */
+#include "breakwater/worker.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#include "breakwater/proxy.h"
+
+static void drain_done_check(bw_worker *w)
+{
+    if (w->draining && w->n_sessions == 0)
+        event_base_loopexit(w->base, NULL);
+}
+
+void bw_worker_session_closed(bw_worker *w)
+{
+    if (w->listeners_paused && !w->draining &&
+        w->n_sessions < w->cfg->limits.max_connections) {
+        for (size_t i = 0; i < w->cfg->n_listeners; i++)
+            if (w->listeners[i])
+                evconnlistener_enable(w->listeners[i]);
+        w->listeners_paused = false;
+    }
+    drain_done_check(w);
+}
+
+static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa, int salen,
+                      void *arg)
+{
+    bw_worker *w = arg;
+    int index = -1;
+    for (size_t i = 0; i < w->cfg->n_listeners; i++)
+        if (w->listeners[i] == l)
+            index = (int)i;
+    if (index < 0 || w->draining) {
+        evutil_closesocket(fd);
+        return;
+    }
+    bw_proxy_accept(w, index, fd, sa, salen);
+    if (w->n_sessions >= w->cfg->limits.max_connections && !w->listeners_paused) {
+        /* Leave further connections in the kernel's backlog for the other workers. */
+        for (size_t i = 0; i < w->cfg->n_listeners; i++)
+            if (w->listeners[i])
+                evconnlistener_disable(w->listeners[i]);
+        w->listeners_paused = true;
+        bw_log_warn(w->log, "max_connections (%u) reached, pausing accept",
+                    w->cfg->limits.max_connections);
+    }
+}
+
+static void accept_error_cb(struct evconnlistener *l, void *arg)
+{
+    (void)l;
+    bw_worker *w = arg;
+    int err = EVUTIL_SOCKET_ERROR();
+    /* EMFILE/ENFILE/ENOBUFS are transient: libevent retries on the next readiness. */
+    bw_log_warn(w->log, "accept failed: %s", evutil_socket_error_to_string(err));
+}
+
+static void start_drain(bw_worker *w, const char *why)
+{
+    if (w->draining)
+        return;
+    w->draining = true;
+    bw_log_info(w->log, "draining (%s), %zu connection(s) open", why, w->n_sessions);
+    for (size_t i = 0; i < w->cfg->n_listeners; i++) {
+        if (w->listeners[i]) {
+            evconnlistener_free(w->listeners[i]);
+            w->listeners[i] = NULL;
+        }
+    }
+    bw_upstream_pools_close_idle(w->pools, w->cfg->n_upstreams);
+    struct timeval tv = {.tv_sec = w->cfg->shutdown_timeout_ms / 1000,
+                         .tv_usec = (w->cfg->shutdown_timeout_ms % 1000) * 1000};
+    evtimer_add(w->drain_timer, &tv);
+    bw_proxy_drain(w);
+    drain_done_check(w);
+}
+
+static void signal_cb(evutil_socket_t sig, short what, void *arg)
+{
+    (void)what;
+    bw_worker *w = arg;
+    if (sig == SIGUSR1) {
+        bw_log_reopen(w->log);
+        return;
+    }
+    if (sig == SIGHUP)
+        return; /* reloads are the master's business */
+    start_drain(w, sig == SIGTERM ? "SIGTERM" : "SIGINT");
+}
+
+static void drain_timeout_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    bw_worker *w = arg;
+    bw_log_warn(w->log, "shutdown timeout: closing %zu connection(s) still open", w->n_sessions);
+    event_base_loopexit(w->base, NULL);
+}
+
+static void parent_check_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    bw_worker *w = arg;
+    if (getppid() != w->master_pid)
+        start_drain(w, "master exited");
+}
+
+int bw_worker_run(const bw_worker_args *args)
+{
+    bw_worker w;
+    memset(&w, 0, sizeof(w));
+    w.cfg = args->cfg;
+    w.log = args->log;
+    w.index = args->index;
+    w.master_pid = args->master_pid;
+    w.listen_fds = args->listen_fds;
+    w.tls = args->tls;
+
+    (void)prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != w.master_pid)
+        return 0; /* the master died before we could ask to be told */
+
+    if (getrandom(&w.reqid_state, sizeof(w.reqid_state), 0) != sizeof(w.reqid_state))
+        w.reqid_state = (uint64_t)getpid() * 0x9E3779B97F4A7C15ull ^ (uint64_t)time(NULL);
+
+    struct event_config *ec = event_config_new();
+    if (ec) {
+        event_config_set_flag(ec, EVENT_BASE_FLAG_NOLOCK);
+        w.base = event_base_new_with_config(ec);
+        event_config_free(ec);
+    }
+    if (!w.base) {
+        bw_log_error(w.log, "cannot create the event loop");
+        return 1;
+    }
+    int rc = 1;
+    w.listeners = calloc(w.cfg->n_listeners, sizeof(*w.listeners));
+    w.pools = bw_upstream_pools_new(w.base, w.cfg);
+    if (!w.listeners || !w.pools) {
+        bw_log_error(w.log, "out of memory at start");
+        goto out;
+    }
+    for (size_t i = 0; i < w.cfg->n_listeners; i++) {
+        w.listeners[i] = evconnlistener_new(w.base, accept_cb, &w, LEV_OPT_CLOSE_ON_FREE, -1,
+                                            w.listen_fds[i]);
+        if (!w.listeners[i]) {
+            bw_log_error(w.log, "cannot watch listener %s", w.cfg->listeners[i].address);
+            goto out;
+        }
+        evconnlistener_set_error_cb(w.listeners[i], accept_error_cb);
+    }
+    w.ev_term = evsignal_new(w.base, SIGTERM, signal_cb, &w);
+    w.ev_int = evsignal_new(w.base, SIGINT, signal_cb, &w);
+    w.ev_usr1 = evsignal_new(w.base, SIGUSR1, signal_cb, &w);
+    w.ev_hup = evsignal_new(w.base, SIGHUP, signal_cb, &w);
+    w.drain_timer = evtimer_new(w.base, drain_timeout_cb, &w);
+    w.parent_timer = event_new(w.base, -1, EV_PERSIST, parent_check_cb, &w);
+    if (!w.ev_term || !w.ev_int || !w.ev_usr1 || !w.ev_hup || !w.drain_timer || !w.parent_timer)
+        goto out;
+    evsignal_add(w.ev_term, NULL);
+    evsignal_add(w.ev_int, NULL);
+    evsignal_add(w.ev_usr1, NULL);
+    evsignal_add(w.ev_hup, NULL);
+    struct timeval second = {1, 0};
+    event_add(w.parent_timer, &second);
+
+    bw_log_info(w.log, "worker %d started (pid %d)", w.index, (int)getpid());
+    event_base_dispatch(w.base);
+    rc = 0;
+
+out:
+    bw_proxy_close_all(&w);
+    if (w.listeners) {
+        for (size_t i = 0; i < w.cfg->n_listeners; i++)
+            if (w.listeners[i])
+                evconnlistener_free(w.listeners[i]);
+        free(w.listeners);
+    }
+    bw_upstream_pools_free(w.pools, w.cfg->n_upstreams);
+    struct event *evs[] = {w.ev_term, w.ev_int, w.ev_usr1, w.ev_hup, w.drain_timer, w.parent_timer};
+    for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
+        if (evs[i])
+            event_free(evs[i]);
+    event_base_free(w.base);
+    if (rc == 0)
+        bw_log_info(w.log, "worker %d exiting", w.index);
+    return rc;
+}
