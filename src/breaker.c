@@ -19,7 +19,8 @@
  *    The winner writes them after its CAS. If it dies first, readers find a stamp from another
  *    generation and treat the field as fresh: a count of zero, an empty bucket, or a time of
  *    "now" (which only makes the open period a little longer than planned). A new state needs no
- *    cleanup of the old one: stale stamps simply stop matching.
+ *    cleanup of the old one: stale stamps simply stop matching. Writers re-read the word before
+ *    stamping, so a delayed process never puts an old generation's stamp over a newer one.
  *
  * Counting transitions exactly needs one more step. Before any caller tries to move the word
  * away from generation G it makes sure G was counted in tally[state], a word holding the last
@@ -75,7 +76,8 @@ _Static_assert(ATOMIC_LLONG_LOCK_FREE == 2, "64-bit atomics must be lock-free fo
 #define TALLY_COUNT_BITS 39
 #define TALLY_COUNT_MASK ((UINT64_C(1) << TALLY_COUNT_BITS) - 1)
 
-/* A window bucket: generation (8 bits), bucket number (20 bits), requests and failures (18 each). */
+/* A window bucket: generation (8 bits), bucket number (20 bits), requests and failures (18 each).
+ */
 #define BK_GEN_SHIFT 56
 #define BK_GEN_MASK 0xFFu
 #define BK_ID_SHIFT 36
@@ -209,14 +211,31 @@ static void settle(bw_breaker *b, word w)
     atomic_compare_exchange_strong(tally, &v, tally_make(w.gen, tally_count(v) + 1));
 }
 
-/*
- * Writes a stamped field after a transition, unless it changed since `old` was read before the
- * CAS: a change means a reader already repaired it for this generation, or the record has moved
- * on, and either way a late write would only make it older.
- */
-static void stamp_after(_Atomic uint64_t *field, uint64_t old, uint64_t value)
+/* True while the record is still at w's generation (and, for lease stamps, w's round). */
+static bool still_at(bw_breaker *b, word w, bool with_round)
 {
-    atomic_compare_exchange_strong(field, &old, value);
+    word cur = unpack(atomic_load(&b->word));
+    return cur.gen == w.gen && (!with_round || cur.round == w.round);
+}
+
+/*
+ * Stamps field (since, or the lease when lease is true) with ms on behalf of w. A value already
+ * carrying w's tag is kept (for the lease, unless older than ms). It gives up as soon as the
+ * record has left w: a delayed caller must never put an old tag over a current one, which would
+ * make the next reader take the field for lost and restart the period from its own clock.
+ */
+static void stamp_set(bw_breaker *b, _Atomic uint64_t *field, word w, bool lease, uint64_t ms)
+{
+    uint32_t tag = lease ? lease_tag(w) : since_tag(w);
+    uint64_t v = atomic_load(field);
+    for (;;) {
+        if (stamp_tag(v) == tag && (!lease || stamp_ms(v) >= ms))
+            return;
+        if (!still_at(b, w, lease))
+            return;
+        if (atomic_compare_exchange_weak(field, &v, stamp(tag, ms)))
+            return;
+    }
 }
 
 /* Time of the transition into w, repaired to now when its writer died before writing it. */
@@ -225,18 +244,17 @@ static uint64_t since_of(bw_breaker *b, word w, uint64_t now_ms)
     uint64_t s = atomic_load(&b->since);
     if (stamp_tag(s) == since_tag(w))
         return stamp_ms(s);
-    if (atomic_compare_exchange_strong(&b->since, &s, stamp(since_tag(w), now_ms)))
-        return now_ms;
+    stamp_set(b, &b->since, w, false, now_ms);
+    s = atomic_load(&b->since);
     return stamp_tag(s) == since_tag(w) ? stamp_ms(s) : now_ms;
 }
 
 /* Everything a transition does besides its CAS: each step is optional for correctness. */
-static void after_transition(bw_breaker *b, word to, uint64_t old_since, uint64_t old_lease,
-                             uint64_t since_ms, uint64_t now_ms)
+static void after_transition(bw_breaker *b, word to, uint64_t since_ms, uint64_t now_ms)
 {
-    stamp_after(&b->since, old_since, stamp(since_tag(to), since_ms));
+    stamp_set(b, &b->since, to, false, since_ms);
     if (to.state == BW_BREAKER_HALF_OPEN)
-        stamp_after(&b->lease, old_lease, stamp(lease_tag(to), now_ms));
+        stamp_set(b, &b->lease, to, true, now_ms);
     if (to.state == BW_BREAKER_OPEN)
         atomic_store_explicit(&b->opened_at_ms, since_ms, memory_order_relaxed);
     atomic_store_explicit(&b->updated_at_ms, now_ms, memory_order_relaxed);
@@ -248,16 +266,12 @@ static void after_transition(bw_breaker *b, word to, uint64_t old_since, uint64_
  * Moves the word from *cur to next. On success the side fields follow and t describes it; on
  * failure *cur holds the fresh word and the caller decides again.
  */
-static bool transition(bw_breaker *b, uint64_t *cur, word next, uint64_t since_ms,
-                       uint64_t now_ms)
+static bool transition(bw_breaker *b, uint64_t *cur, word next, uint64_t since_ms, uint64_t now_ms)
 {
-    word from = unpack(*cur);
-    settle(b, from);
-    uint64_t old_since = atomic_load(&b->since);
-    uint64_t old_lease = atomic_load(&b->lease);
+    settle(b, unpack(*cur));
     if (!atomic_compare_exchange_strong(&b->word, cur, pack(next)))
         return false;
-    after_transition(b, next, old_since, old_lease, since_ms, now_ms);
+    after_transition(b, next, since_ms, now_ms);
     return true;
 }
 
@@ -277,16 +291,6 @@ static void clear_transition(bw_breaker_transition *t)
 {
     if (t != NULL)
         memset(t, 0, sizeof(*t));
-}
-
-/* Refreshes the half-open lease: a permit was granted or an outcome arrived in this round. */
-static void touch_lease(bw_breaker *b, word w, uint64_t now_ms)
-{
-    uint64_t l = atomic_load(&b->lease);
-    if (stamp_tag(l) == lease_tag(w) && stamp_ms(l) >= now_ms)
-        return;
-    /* One attempt: failing means somebody else just refreshed it, or the round moved on. */
-    atomic_compare_exchange_strong(&b->lease, &l, stamp(lease_tag(w), now_ms));
 }
 
 void bw_breaker_init(bw_breaker *b, uint64_t now_ms)
@@ -369,7 +373,7 @@ bw_breaker_decision bw_breaker_allow(bw_breaker *b, const bw_breaker_conf *c, ui
             word n = w;
             n.permits++;
             if (atomic_compare_exchange_strong(&b->word, &cur, pack(n))) {
-                touch_lease(b, n, now_ms);
+                stamp_set(b, &b->lease, n, true, now_ms);
                 atomic_fetch_add_explicit(&b->probes, 1, memory_order_relaxed);
                 set_ticket(ticket, n, true);
                 return BW_BREAKER_ALLOW_PROBE;
@@ -382,13 +386,13 @@ bw_breaker_decision bw_breaker_allow(bw_breaker *b, const bw_breaker_conf *c, ui
         uint64_t l = atomic_load(&b->lease);
         if (stamp_tag(l) != lease_tag(w)) {
             /* The lease writer died before writing: start the lease from now. */
-            atomic_compare_exchange_strong(&b->lease, &l, stamp(lease_tag(w), now_ms));
+            stamp_set(b, &b->lease, w, true, now_ms);
         } else if (sat_sub(now_ms, stamp_ms(l)) >= lease_ms) {
             word n = w;
             n.round = (w.round + 1) & W_ROUND_MASK;
             n.permits = 1;
             if (atomic_compare_exchange_strong(&b->word, &cur, pack(n))) {
-                stamp_after(&b->lease, l, stamp(lease_tag(n), now_ms));
+                stamp_set(b, &b->lease, n, true, now_ms);
                 atomic_fetch_add_explicit(&b->lease_expiries, 1, memory_order_relaxed);
                 atomic_fetch_add_explicit(&b->probes, 1, memory_order_relaxed);
                 set_ticket(ticket, n, true);
@@ -417,9 +421,10 @@ static uint64_t bucket_make(uint32_t gen, uint64_t id, uint64_t req, uint64_t fa
 }
 
 /* Adds one outcome to the current bucket, emptying it first when it holds an older period. */
-static void window_record(bw_breaker *b, const bw_breaker_conf *c, uint32_t gen, uint64_t now_ms,
+static void window_record(bw_breaker *b, const bw_breaker_conf *c, word w, uint64_t now_ms,
                           bool failed)
 {
+    uint32_t gen = w.gen;
     uint64_t id = now_ms / bucket_width(c);
     _Atomic uint64_t *slot = &b->window[id % BW_BREAKER_WINDOW_BUCKETS];
     uint64_t fresh = bucket_make(gen, id, 0, 0);
@@ -430,6 +435,8 @@ static void window_record(bw_breaker *b, const bw_breaker_conf *c, uint32_t gen,
         if ((v & tag_mask) == fresh) {
             req = (v >> BK_REQ_SHIFT) & BK_COUNT_MASK;
             fail = v & BK_COUNT_MASK;
+        } else if (!still_at(b, w, false)) {
+            return; /* do not empty a bucket of a newer period for an outcome of an older one */
         }
         /* A full bucket stops counting: the rate of what it holds is sample enough. */
         if (req == BK_COUNT_MASK)
@@ -441,8 +448,8 @@ static void window_record(bw_breaker *b, const bw_breaker_conf *c, uint32_t gen,
 }
 
 /* Requests and failures in the window of generation gen (older generations do not count). */
-static void window_sum(const bw_breaker *b, const bw_breaker_conf *c, uint32_t gen,
-                       uint64_t now_ms, uint32_t *req_out, uint32_t *fail_out)
+static void window_sum(const bw_breaker *b, const bw_breaker_conf *c, uint32_t gen, uint64_t now_ms,
+                       uint32_t *req_out, uint32_t *fail_out)
 {
     uint64_t cur = (now_ms / bucket_width(c)) & BK_ID_MASK;
     uint64_t req = 0, fail = 0;
@@ -472,11 +479,15 @@ static bool rate_tripped(const bw_breaker *b, const bw_breaker_conf *c, uint32_t
 }
 
 /* One more consecutive failure in closed generation gen; returns the new count. */
-static uint32_t failures_add(bw_breaker *b, uint32_t gen)
+static uint32_t failures_add(bw_breaker *b, word w)
 {
+    uint32_t gen = w.gen;
     uint64_t v = atomic_load(&b->failures);
     for (;;) {
         uint32_t n = (uint32_t)(v >> 32) == gen ? (uint32_t)v : 0;
+        /* A late caller must not restart the count of a newer closed period. */
+        if ((uint32_t)(v >> 32) != gen && !still_at(b, w, false))
+            return 0;
         if (n < UINT32_MAX)
             n++;
         if (atomic_compare_exchange_weak(&b->failures, &v, ((uint64_t)gen << 32) | n))
@@ -497,12 +508,12 @@ static void report_closed(bw_breaker *b, const bw_breaker_conf *c, uint64_t now_
                           bool failed, bw_breaker_transition *t)
 {
     if (c->failure_rate_percent > 0)
-        window_record(b, c, w.gen, now_ms, failed);
+        window_record(b, c, w, now_ms, failed);
     if (!failed) {
         failures_clear(b, w.gen);
         return;
     }
-    uint32_t n = failures_add(b, w.gen);
+    uint32_t n = failures_add(b, w);
     uint32_t req = 0, fail = 0;
     bw_breaker_cause cause = BW_BREAKER_CAUSE_NONE;
     if (c->failure_threshold > 0 && n >= c->failure_threshold)
@@ -573,7 +584,7 @@ static void report_probe(bw_breaker *b, const bw_breaker_conf *c, uint64_t now_m
         n.successes = successes;
         n.permits = w.permits ? w.permits - 1 : 0; /* the permit is free for the next probe */
         if (atomic_compare_exchange_strong(&b->word, &cur, pack(n))) {
-            touch_lease(b, n, now_ms);
+            stamp_set(b, &b->lease, n, true, now_ms);
             return;
         }
     }
@@ -587,8 +598,7 @@ void bw_breaker_report(bw_breaker *b, const bw_breaker_conf *c, uint64_t now_ms,
     bool failed = outcome != BW_BREAKER_SUCCESS;
     if (outcome == BW_BREAKER_SLOW)
         atomic_fetch_add_explicit(&b->slow_calls, 1, memory_order_relaxed);
-    atomic_fetch_add_explicit(failed ? &b->failures_total : &b->successes, 1,
-                              memory_order_relaxed);
+    atomic_fetch_add_explicit(failed ? &b->failures_total : &b->successes, 1, memory_order_relaxed);
 
     if (ticket->probe) {
         report_probe(b, c, now_ms, ticket, failed, rnd, t);
@@ -722,8 +732,7 @@ bool bw_breaker_is_slow(const bw_breaker_conf *c, uint64_t duration_ms)
     return c->slow_call_ms > 0 && duration_ms > c->slow_call_ms;
 }
 
-bw_breaker_outcome bw_breaker_classify(const bw_breaker_conf *c, int status,
-                                       uint64_t duration_ms)
+bw_breaker_outcome bw_breaker_classify(const bw_breaker_conf *c, int status, uint64_t duration_ms)
 {
     if (status <= 0 || bw_breaker_is_failure_status(c, status))
         return BW_BREAKER_FAILURE;
@@ -796,11 +805,10 @@ int bw_breaker_describe(const bw_breaker_transition *t, char *buf, size_t len)
         return snprintf(buf, len, "%s -> %s after %" PRIu32 " consecutive failures", from, to,
                         t->failures);
     case BW_BREAKER_CAUSE_RATE:
-        return snprintf(buf, len,
-                        "%s -> %s after %" PRIu32 " failures in %" PRIu32 " requests (%" PRIu32
-                        "%%)",
-                        from, to, t->failures, t->requests,
-                        t->requests ? (uint32_t)((uint64_t)t->failures * 100 / t->requests) : 0);
+        return snprintf(
+            buf, len, "%s -> %s after %" PRIu32 " failures in %" PRIu32 " requests (%" PRIu32 "%%)",
+            from, to, t->failures, t->requests,
+            t->requests ? (uint32_t)((uint64_t)t->failures * 100 / t->requests) : 0);
     case BW_BREAKER_CAUSE_TIMEOUT:
         return snprintf(buf, len, "%s -> %s after %" PRIu64 " ms open", from, to, t->wait_ms);
     case BW_BREAKER_CAUSE_PROBE_OK:

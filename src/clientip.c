@@ -231,8 +231,9 @@ int bw_clientip_key(const struct sockaddr *peer, const char *xff, size_t xff_len
             break;
         cur = elem;
         source = BW_CLIENTIP_XFF;
+        /* The client, or the left-most element of an all-trusted chain. */
         if (!is_trusted(&elem, trusted, n_trusted) || start == 0)
-            break; /* the client, or the left-most element of an all-trusted chain */
+            break;
         end = start - 1; /* skip the comma */
     }
     finish(&cur, ipv6_prefix, source, out);

@@ -491,8 +491,9 @@ static int sc_string(scanner *sc, char *out, size_t cap)
         if (ch == '\n')
             break;
         if ((unsigned char)ch < 0x20)
-            return sc_fail(sc, "control character 0x%02x inside a string (write it as an escape "
-                               "such as \\t)",
+            return sc_fail(sc,
+                           "control character 0x%02x inside a string (write it as an escape "
+                           "such as \\t)",
                            (unsigned char)ch);
         if (ch != '\\') {
             if (out && o + 1 < cap)
@@ -803,9 +804,8 @@ static void path_idx(char *out, size_t n, const char *parent, size_t i)
     path_cat(out, n, parent, idx, "");
 }
 
-__attribute__((format(printf, 5, 0))) static void vreport(vctx *c, const char *pos_path, int nth,
-                                                          const char *path, const char *fmt,
-                                                          va_list ap)
+__attribute__((format(printf, 5, 0))) static void
+vreport(vctx *c, const char *pos_path, int nth, const char *path, const char *fmt, va_list ap)
 {
     char msg[1024];
     unsigned line, col;
@@ -1116,8 +1116,11 @@ static int log_level_from(const char *s, bw_log_level *out)
     static const struct {
         const char *name;
         bw_log_level level;
-    } levels[] = {{"debug", BW_LOG_DEBUG}, {"info", BW_LOG_INFO},   {"warn", BW_LOG_WARN},
-                  {"warning", BW_LOG_WARN}, {"error", BW_LOG_ERROR}};
+    } levels[] = {{"debug", BW_LOG_DEBUG},
+                  {"info", BW_LOG_INFO},
+                  {"warn", BW_LOG_WARN},
+                  {"warning", BW_LOG_WARN},
+                  {"error", BW_LOG_ERROR}};
     for (size_t i = 0; i < sizeof levels / sizeof levels[0]; i++) {
         if (strcasecmp(s, levels[i].name) == 0) {
             *out = levels[i].level;
@@ -1392,8 +1395,9 @@ static void parse_listeners(vctx *c, const cJSON *root, bw_config *cfg)
     char p[PATH_LEN], q[PATH_LEN], got[96];
     const cJSON *arr = field(root, "listeners");
     if (arr == NULL) {
-        verr_at(c, "", 0, "listeners", "required field is missing; add at least one listener, "
-                                        "e.g. [{\"address\": \"0.0.0.0:8080\"}]");
+        verr_at(c, "", 0, "listeners",
+                "required field is missing; add at least one listener, "
+                "e.g. [{\"address\": \"0.0.0.0:8080\"}]");
         return;
     }
     if (!cJSON_IsArray(arr)) {
@@ -1430,8 +1434,9 @@ static void parse_listeners(vctx *c, const cJSON *root, bw_config *cfg)
                 continue;
             path_idx(q, sizeof q, "listeners", j);
             path_key(p, sizeof p, q, "address");
-            verr(c, p, "\"%s\" conflicts with listeners[%zu] (\"%s\"); each listener needs its "
-                       "own address",
+            verr(c, p,
+                 "\"%s\" conflicts with listeners[%zu] (\"%s\"); each listener needs its "
+                 "own address",
                  cfg->listeners[j].address, k, cfg->listeners[k].address);
             break;
         }
@@ -1714,8 +1719,8 @@ static void parse_upstreams(vctx *c, const cJSON *root, bw_config *cfg)
         }
         if (!valid_name(name))
             verr(c, up,
-                 "invalid upstream name \"%s\": use 1 to %d letters, digits, '_', '-' or '.'",
-                 name, MAX_NAME_LEN);
+                 "invalid upstream name \"%s\": use 1 to %d letters, digits, '_', '-' or '.'", name,
+                 MAX_NAME_LEN);
         if (!cJSON_IsObject(u)) {
             verr(c, up, "must be an object like {\"servers\": [\"127.0.0.1:9001\"]}, got %s",
                  describe(u, got, sizeof got));
@@ -1796,7 +1801,8 @@ static void parse_rate_limits(vctx *c, const cJSON *root, bw_config *cfg)
             verr(c, pp, "invalid policy name \"%s\": use 1 to %d letters, digits, '_', '-' or '.'",
                  name, MAX_NAME_LEN);
         if (!cJSON_IsObject(o)) {
-            verr(c, pp, "must be an object like {\"key\": \"client_ip\", \"capacity\": 100}, got %s",
+            verr(c, pp,
+                 "must be an object like {\"key\": \"client_ip\", \"capacity\": 100}, got %s",
                  describe(o, got, sizeof got));
             continue;
         }
@@ -1849,11 +1855,10 @@ static bool route_shadows(const bw_route_conf *a, const bw_route_conf *b)
     return b->path_prefix[n] == '\0' || a->path_prefix[n - 1] == '/' || b->path_prefix[n] == '/';
 }
 
-static void parse_route(vctx *c, const cJSON *o, const char *rp, bw_config *cfg,
-                        bw_route_conf *r)
+static void parse_route(vctx *c, const cJSON *o, const char *rp, bw_config *cfg, bw_route_conf *r)
 {
-    static const char *const fields[] = {"host", "path_prefix", "name", "upstream", "rate_limit",
-                                         NULL};
+    static const char *const fields[] = {"host",     "path_prefix", "name",
+                                         "upstream", "rate_limit",  NULL};
     char fp[PATH_LEN], known[512];
     const char *names[64];
 
@@ -1878,8 +1883,9 @@ static void parse_route(vctx *c, const cJSON *o, const char *rp, bw_config *cfg,
     const char *prefix = get_string(c, o, rp, "path_prefix", false);
     path_key(fp, sizeof fp, rp, "path_prefix");
     if (prefix != NULL && !valid_path_prefix(prefix))
-        verr(c, fp, "must start with '/' and contain no spaces, control characters, '?' or '#', "
-                    "got \"%s\"",
+        verr(c, fp,
+             "must start with '/' and contain no spaces, control characters, '?' or '#', "
+             "got \"%s\"",
              prefix);
     else
         r->path_prefix = vstrdup(c, prefix ? prefix : "/");
@@ -1957,8 +1963,9 @@ static void parse_routes(vctx *c, const cJSON *root, bw_config *cfg)
         cfg->routes[i].upstream = -1;
         cfg->routes[i].rate_limit = -1;
         if (!cJSON_IsObject(o))
-            verr(c, rp, "must be an object like {\"path_prefix\": \"/\", \"upstream\": \"api\"}, "
-                        "got %s",
+            verr(c, rp,
+                 "must be an object like {\"path_prefix\": \"/\", \"upstream\": \"api\"}, "
+                 "got %s",
                  describe(o, got, sizeof got));
         else
             parse_route(c, o, rp, cfg, &cfg->routes[i]);
@@ -1988,8 +1995,9 @@ static void parse_trusted_proxies(vctx *c, const cJSON *root, bw_config *cfg)
     if (arr == NULL)
         return;
     if (!cJSON_IsArray(arr)) {
-        verr(c, "trusted_proxies", "must be an array of CIDR strings (e.g. [\"10.0.0.0/8\"]), "
-                                   "got %s",
+        verr(c, "trusted_proxies",
+             "must be an array of CIDR strings (e.g. [\"10.0.0.0/8\"]), "
+             "got %s",
              describe(arr, got, sizeof got));
         return;
     }
@@ -2026,12 +2034,8 @@ static void parse_trusted_proxies(vctx *c, const cJSON *root, bw_config *cfg)
 
 static void parse_redis(vctx *c, const cJSON *root, bw_config *cfg)
 {
-    static const char *const fields[] = {"url",
-                                         "key_prefix",
-                                         "sync_interval_ms",
-                                         "required",
-                                         "connect_timeout_ms",
-                                         "command_timeout_ms",
+    static const char *const fields[] = {"url",      "key_prefix",         "sync_interval_ms",
+                                         "required", "connect_timeout_ms", "command_timeout_ms",
                                          NULL};
     bw_redis_conf *r = &cfg->redis;
     char why[256];
@@ -2094,9 +2098,12 @@ static void parse_log(vctx *c, const cJSON *root, bw_config *cfg)
 
 static void parse_limits(vctx *c, const cJSON *root, bw_config *cfg)
 {
-    static const char *const fields[] = {"max_header_bytes",  "max_headers",
-                                         "max_body_bytes",    "header_timeout_ms",
-                                         "client_idle_timeout_ms", "max_connections",
+    static const char *const fields[] = {"max_header_bytes",
+                                         "max_headers",
+                                         "max_body_bytes",
+                                         "header_timeout_ms",
+                                         "client_idle_timeout_ms",
+                                         "max_connections",
                                          NULL};
     bw_limits_conf *l = &cfg->limits;
     const cJSON *o = get_object(c, root, "", "limits", false);

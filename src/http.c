@@ -97,6 +97,24 @@ static bool lower_eq(const unsigned char *s, const char *lit, size_t len)
     return true;
 }
 
+/* Compares a name with a lower-case literal, reading '_' as '-'. Gateways that map header
+ * names to variables (CGI, WSGI, some frameworks) fold both to the same name, so
+ * "Content_Length" could frame a body for the upstream that the proxy never saw. */
+static bool underscore_lookalike(const unsigned char *s, const char *lit, size_t len)
+{
+    bool underscore = false;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = to_lower(s[i]);
+        if (c == '_') {
+            underscore = true;
+            c = '-';
+        }
+        if (c != (unsigned char)lit[i])
+            return false;
+    }
+    return underscore;
+}
+
 bool bw_http_name_eq(const char *name, size_t len, const char *lit)
 {
     if (name == NULL || lit == NULL)
@@ -450,6 +468,8 @@ static const char *note_field(bw_http_head *out, struct field_scan *s, bool requ
         }
         break;
     case 14:
+        if (underscore_lookalike(name, "content-length", 14))
+            return "Content-Length spelled with an underscore";
         if (lower_eq(name, "content-length", 14)) {
             /* Even equal duplicates are refused: RFC 9112 6.3 allows merging them, but a
              * recipient that does not would frame differently, and no honest client sends two. */
@@ -459,6 +479,8 @@ static const char *note_field(bw_http_head *out, struct field_scan *s, bool requ
         }
         break;
     case 17:
+        if (underscore_lookalike(name, "transfer-encoding", 17))
+            return "Transfer-Encoding spelled with an underscore";
         if (lower_eq(name, "transfer-encoding", 17)) {
             if (++s->n_te > 1)
                 return "duplicate Transfer-Encoding";
@@ -518,12 +540,12 @@ static bw_http_status parse_fields(const unsigned char *b, size_t n, size_t p, s
 
         while (p < n && is_ows(b[p]))
             p++;
-        size_t value = p, value_end = p;
-        while (p < n && is_class(b[p], CV)) {
-            if (!is_ows(b[p]))
-                value_end = p + 1;
+        size_t value = p;
+        while (p < n && is_class(b[p], CV))
             p++;
-        }
+        size_t value_end = p;
+        while (value_end > value && is_ows(b[value_end - 1]))
+            value_end--;
         const char *e = line_end_error(b, n, p, "invalid byte in field value");
         if (e != NULL)
             return fail(out, too_bad, e);

@@ -82,6 +82,7 @@ typedef struct bw_exchange {
     bool req_done;     /* the whole request body has been read from the client */
     bool req_started;  /* body bytes have been forwarded */
     uint64_t bytes_in; /* request body bytes read from the client */
+    uint64_t req_decoded; /* decoded bytes of a chunked request body (for max_body_bytes) */
     struct evbuffer *replay; /* head + body sent so far, while it fits in BW_REPLAY_MAX */
     bool replayable;
     bool idempotent;
@@ -130,6 +131,7 @@ typedef struct bw_session {
     size_t scanned;  /* bytes of the input already searched for the end of the head */
     uint32_t served;
     bool close_after;
+    bool clean_close; /* the last response was complete: a TLS close_notify may be sent */
     char *head; /* copy of the current request head; the parsed head points into it */
     size_t head_cap;
     bw_exchange ex;
@@ -435,6 +437,14 @@ static void session_free(bw_session *s)
     if (s->next)
         s->next->prev = s->prev;
     w->n_sessions--;
+    if (s->tls && s->clean_close && s->bev) {
+        /* Tell the client the close is deliberate: without close_notify, TLS clients report an
+         * unexpected EOF. Best effort, non-blocking; the output buffer is already empty. */
+        SSL *ssl = bufferevent_openssl_get_ssl(s->bev);
+        if (ssl && SSL_is_init_finished(ssl))
+            (void)SSL_shutdown(ssl);
+        ERR_clear_error();
+    }
     if (s->bev)
         bufferevent_free(s->bev);
     event_free(s->timer);
@@ -455,6 +465,19 @@ static void session_close_after_flush(bw_session *s)
     /* else client_write_cb frees it when the output buffer is empty */
 }
 
+/* Ends an exchange whose response cannot be completed after part of it was queued: the bytes
+ * already queued are flushed, then the connection closes without a terminating chunk and without
+ * a TLS close_notify, so the client can tell the response is truncated. */
+static void session_abort(bw_session *s)
+{
+    bw_exchange *ex = &s->ex;
+    if (ex->pool)
+        access_log(s, ex);
+    exchange_clear(ex);
+    s->clean_close = false;
+    session_close_after_flush(s);
+}
+
 /* The exchange is over from the client's point of view: its response is fully queued. */
 static void exchange_finish(bw_exchange *ex)
 {
@@ -465,6 +488,7 @@ static void exchange_finish(bw_exchange *ex)
         s->close_after = true;
     exchange_clear(ex);
     if (s->close_after || s->w->draining) {
+        s->clean_close = true;
         session_close_after_flush(s);
         return;
     }
@@ -510,6 +534,23 @@ static size_t find_head_end(const char *p, size_t n, size_t from)
             return i + 1;
     }
     return 0;
+}
+
+/* True while the bytes so far can still begin a request line: a method token then a space. */
+static bool plausible_request_start(const char *p, size_t n)
+{
+    static const char tchar_extra[] = "!#$%&'*+-.^_`|~";
+    if (!p)
+        return true;
+    for (size_t i = 0; i < n && i < 32; i++) {
+        unsigned char c = (unsigned char)p[i];
+        if (c == ' ')
+            return i > 0;
+        bool alnum = (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z');
+        if (!alnum && (c == 0 || !strchr(tchar_extra, c)))
+            return false;
+    }
+    return true;
 }
 
 static const bw_route_conf *match_route(const bw_config *cfg, const char *host, size_t host_len,
@@ -828,6 +869,19 @@ static void session_try_head(bw_session *s)
     const char *p = (const char *)evbuffer_pullup(in, (ev_ssize_t)window);
     size_t head_len = p ? find_head_end(p, window, s->scanned) : 0;
     bw_exchange *ex = &s->ex;
+    if (head_len == 0 && !plausible_request_start(p, window)) {
+        /* Not HTTP at all (a TLS ClientHello on a plain port, say): no need to wait for a
+         * blank line that will never come. */
+        head_len = window;
+        evtimer_del(s->timer);
+        s->state = SS_EXCHANGE;
+        ex->wall_start_ms = wall_ms();
+        clock_gettime(CLOCK_MONOTONIC, &ex->t_start);
+        ex->req_done = true;
+        evbuffer_drain(in, len);
+        send_error(s, 400, "not an HTTP request");
+        return;
+    }
     if (head_len == 0) {
         s->scanned = window;
         if (len > limit) {
@@ -942,6 +996,13 @@ static size_t chunked_scan(bw_chunked *c, struct evbuffer *in, bw_chunk_data_fn 
     return total;
 }
 
+static void count_decoded(void *arg, const char *data, size_t len)
+{
+    (void)data;
+    bw_exchange *ex = arg;
+    ex->req_decoded += len;
+}
+
 static void forward_request_body(bw_exchange *ex)
 {
     bw_session *s = ex->s;
@@ -961,15 +1022,14 @@ static void forward_request_body(bw_exchange *ex)
         if (ex->req_left == 0)
             request_body_done(ex);
     } else if (ex->req_framing == BW_BODY_CHUNKED && avail > 0) {
-        size_t n = chunked_scan(&ex->req_chunk, in, NULL, NULL);
-        if (cfg->limits.max_body_bytes && ex->bytes_in + n > cfg->limits.max_body_bytes + 65536 &&
-            ex->req_chunk.state != BW_CHUNK_DONE) {
+        size_t n = chunked_scan(&ex->req_chunk, in, count_decoded, ex);
+        if (cfg->limits.max_body_bytes && ex->req_decoded > cfg->limits.max_body_bytes) {
             ex->error = "body too large";
             exchange_release_upstream(ex, false);
             if (!ex->resp_started)
                 send_error(s, 413, "body too large");
             else
-                session_free(s);
+                session_abort(s);
             return;
         }
         if (n > 0)
@@ -983,7 +1043,7 @@ static void forward_request_body(bw_exchange *ex)
             if (!ex->resp_started)
                 send_error(s, 400, "malformed chunked body");
             else
-                session_free(s);
+                session_abort(s);
             return;
         }
         if (ex->req_chunk.state == BW_CHUNK_DONE)
@@ -1122,7 +1182,7 @@ static void upstream_failed(bw_exchange *ex, up_failure why)
     if (ex->resp_started) {
         /* The client already has part of the response: cutting the connection is the only
          * honest signal left. */
-        session_free(s);
+        session_abort(s);
         return;
     }
     int status = (why == UF_TIMEOUT || why == UF_CONNECT_TIMEOUT) ? 504 : 502;
@@ -1227,7 +1287,7 @@ static void forward_response_body(bw_exchange *ex)
                         ex->pool->conf->name, ex->server->conf->address,
                         ex->resp_chunk.error ? ex->resp_chunk.error : "?");
             ex->error = "invalid response body";
-            session_free(s);
+            session_abort(s);
             return;
         }
         if (ex->resp_chunk.state == BW_CHUNK_DONE) {

@@ -35,6 +35,7 @@
  */
 #include "breakwater/ratelimit.h"
 
+#include <endian.h>
 #include <errno.h>
 #include <math.h>
 #include <stdatomic.h>
@@ -171,8 +172,7 @@ static uint64_t key_tag(const bw_ratelimit_table *t, uint32_t policy_id, uint64_
     return (pid << TAG_POLICY_SHIFT) | ((h >> 16) & TAG_HASH_MASK);
 }
 
-uint32_t bw_ratelimit_table_home(const bw_ratelimit_table *t, uint32_t policy_id,
-                                 uint64_t key_hash)
+uint32_t bw_ratelimit_table_home(const bw_ratelimit_table *t, uint32_t policy_id, uint64_t key_hash)
 {
     uint32_t home;
     key_tag(t, policy_id, key_hash, &home);
@@ -338,14 +338,12 @@ bw_ratelimit_decision bw_ratelimit_take(bw_ratelimit_table *t, uint32_t policy_i
             }
             if (claim_tag != 0) {
                 /* Reset first, then hand over: each step alone leaves a valid entry. */
-                if (!atomic_compare_exchange_strong_explicit(&claim->value, &claim_value, 0,
-                                                             memory_order_acq_rel,
-                                                             memory_order_acquire))
+                if (!atomic_compare_exchange_strong_explicit(
+                        &claim->value, &claim_value, 0, memory_order_acq_rel, memory_order_acquire))
                     continue;
             }
-            if (!atomic_compare_exchange_strong_explicit(&claim->tag, &claim_tag, tag,
-                                                         memory_order_acq_rel,
-                                                         memory_order_acquire))
+            if (!atomic_compare_exchange_strong_explicit(
+                    &claim->tag, &claim_tag, tag, memory_order_acq_rel, memory_order_acquire))
                 continue;
             if (forced)
                 atomic_fetch_add_explicit(&t->evictions, 1, memory_order_relaxed);
@@ -423,12 +421,12 @@ static uint64_t rotl64(uint64_t x, int b)
     return (x << b) | (x >> (64 - b));
 }
 
+/* SipHash reads its input as little-endian words, whatever the host. */
 static uint64_t load_le64(const uint8_t *p)
 {
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--)
-        v = (v << 8) | p[i];
-    return v;
+    uint64_t v;
+    memcpy(&v, p, sizeof(v));
+    return le64toh(v);
 }
 
 static void sip_round(uint64_t v[4])

@@ -107,19 +107,19 @@ typedef struct bw_breaker_transition {
 /* A consistent-enough copy for /upstreams, /readyz, /metrics and the fleet sync. */
 typedef struct bw_breaker_view {
     bw_breaker_state state;
-    uint32_t generation;      /* changes on every transition */
-    uint64_t since_ms;        /* time of the last transition */
+    uint32_t generation; /* changes on every transition */
+    uint64_t since_ms;   /* time of the last transition */
     uint64_t updated_at_ms;
-    uint32_t failures;        /* consecutive failures (closed) */
-    uint64_t opened_at_ms;    /* last opening; 0 = never */
-    uint64_t wait_ms;         /* open period: the current one, or the next one when closed */
-    uint64_t retry_after_ms;  /* open: time left until half_open; else 0 */
-    uint32_t openings;        /* consecutive openings since the last close (backoff level) */
+    uint32_t failures;       /* consecutive failures (closed) */
+    uint64_t opened_at_ms;   /* last opening; 0 = never */
+    uint64_t wait_ms;        /* open period: the current one, or the next one when closed */
+    uint64_t retry_after_ms; /* open: time left until half_open; else 0 */
+    uint32_t openings;       /* consecutive openings since the last close (backoff level) */
     uint32_t half_open_permits;
     uint32_t half_open_successes;
     uint32_t window_requests; /* closed: the failure-rate window's contents */
     uint32_t window_failures;
-    uint64_t transitions[3];  /* into closed, open, half_open, indexed by bw_breaker_state */
+    uint64_t transitions[3]; /* into closed, open, half_open, indexed by bw_breaker_state */
     uint64_t rejected;
     uint64_t probes;
     uint64_t lease_expiries;
@@ -172,8 +172,7 @@ bool bw_breaker_is_failure_status(const bw_breaker_conf *c, int status);
 /* True when slow_call_ms is set and the call took longer. */
 bool bw_breaker_is_slow(const bw_breaker_conf *c, uint64_t duration_ms);
 /* status 0 (no complete response: connect error, timeout, reset) is a failure. */
-bw_breaker_outcome bw_breaker_classify(const bw_breaker_conf *c, int status,
-                                       uint64_t duration_ms);
+bw_breaker_outcome bw_breaker_classify(const bw_breaker_conf *c, int status, uint64_t duration_ms);
 
 /* "closed", "open", "half_open" (the strings of DESIGN.md); "unknown" otherwise. */
 const char *bw_breaker_state_name(bw_breaker_state state);

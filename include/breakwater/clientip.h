@@ -36,9 +36,9 @@ typedef enum bw_clientip_source {
 } bw_clientip_source;
 
 typedef struct bw_clientip {
-    int family;        /* AF_INET, AF_INET6, or AF_UNSPEC for a peer that is not IP */
-    uint8_t addr[16];  /* IPv4 in addr[0..3]; IPv6 already masked to prefix */
-    uint8_t prefix;    /* 32 for IPv4, the grouping prefix for IPv6 */
+    int family;       /* AF_INET, AF_INET6, or AF_UNSPEC for a peer that is not IP */
+    uint8_t addr[16]; /* IPv4 in addr[0..3]; IPv6 already masked to prefix */
+    uint8_t prefix;   /* 32 for IPv4, the grouping prefix for IPv6 */
     bw_clientip_source source;
     uint8_t key[BW_CLIENTIP_KEY_LEN];
     char text[BW_CLIENTIP_TEXT_LEN]; /* "203.0.113.7", "2001:db8:1:2::/64", "unknown" */

@@ -3,8 +3,10 @@
  *
  * bw_config_load() turns a file into a bw_config with every default filled in and every
  * reference (route -> upstream, route -> rate-limit policy) resolved to an index. It never
- * exits: each problem becomes one line in a bw_diag, "FILE:LINE:COL: message" for JSON syntax
- * errors and "FILE: json.path: message" for everything else, and the caller decides what to do.
+ * exits: each problem becomes one line in a bw_diag, "FILE:LINE:COL: invalid JSON: message" for
+ * syntax errors, "FILE:LINE:COL: json.path: message" for a value in the file (LINE:COL of the
+ * value, or of the object lacking a required field), "FILE: environment NAME: message" for a bad
+ * override and "FILE: message" when there is no place to point at; the caller decides what to do.
  * The struct is plain data: the master parses it, workers inherit it through fork().
  */
 #ifndef BREAKWATER_CONFIG_H

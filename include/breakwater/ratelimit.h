@@ -46,7 +46,7 @@ typedef struct bw_ratelimit_params {
     uint32_t limit;       /* configured capacity, for RateLimit-Limit */
     uint32_t capacity;    /* effective capacity (equal to limit unless the window was capped) */
     uint64_t interval_ns; /* emission interval 1/refill, rounded up; 0 = the bucket never refills */
-    uint64_t window_ns;   /* capacity * interval_ns: a TAT this far ahead of now is an empty bucket */
+    uint64_t window_ns; /* capacity * interval_ns: a TAT this far ahead of now is an empty bucket */
     bool dry_run;
 } bw_ratelimit_params;
 

@@ -241,7 +241,7 @@ render proxy-nginx.conf nginx/nginx.conf
 render haproxy.cfg haproxy.cfg
 render breakwater.json breakwater.json
 
-# --- process helpers -----------------------------------------------------------------------
+# --- processes ------------------------------------------------------------------------------
 # Waits until URL answers 200 with the upstream's body, or fails with the log's tail.
 wait_up() { # name url pid log
     local name="$1" url="$2" pid="$3" log="$4" i got
@@ -304,31 +304,34 @@ start_upstream() {
     wait_up "upstream nginx" "http://127.0.0.1:$up_port/" "$up_pid" "$tmp/upstream/stderr.log"
 }
 
-start_proxy() { # name -> sets proxy_pid, plain_url, tls_url
-    local name="$1" log
+# Starts one proxy and records its pid and URLs in pids[NAME], plain_urls[NAME], tls_urls[NAME].
+declare -A pids plain_urls tls_urls
+start_proxy() { # name
+    local name="$1" log pid
     case "$name" in
         nginx)
             log="$tmp/nginx/stderr.log"
             "${on_proxy[@]}" "$nginx_bin" -p "$tmp/nginx" -c "$tmp/nginx/nginx.conf" >"$log" 2>&1 &
-            proxy_pid=$!
-            plain_url="http://127.0.0.1:$ngx_port/"
-            tls_url="https://127.0.0.1:$ngx_tls_port/" ;;
+            pid=$!
+            plain_urls[$name]="http://127.0.0.1:$ngx_port/"
+            tls_urls[$name]="https://127.0.0.1:$ngx_tls_port/" ;;
         haproxy)
             log="$tmp/haproxy.log"
             "${on_proxy[@]}" haproxy -db -f "$tmp/haproxy.cfg" >"$log" 2>&1 &
-            proxy_pid=$!
-            plain_url="http://127.0.0.1:$ha_port/"
-            tls_url="https://127.0.0.1:$ha_tls_port/" ;;
+            pid=$!
+            plain_urls[$name]="http://127.0.0.1:$ha_port/"
+            tls_urls[$name]="https://127.0.0.1:$ha_tls_port/" ;;
         breakwater)
             log="$tmp/breakwater.log"
             "${on_proxy[@]}" "$bin" -c "$tmp/breakwater.json" >"$log" 2>&1 &
-            proxy_pid=$!
-            plain_url="http://127.0.0.1:$bw_port/"
-            tls_url="https://127.0.0.1:$bw_tls_port/" ;;
+            pid=$!
+            plain_urls[$name]="http://127.0.0.1:$bw_port/"
+            tls_urls[$name]="https://127.0.0.1:$bw_tls_port/" ;;
     esac
-    started+=("$proxy_pid")
-    wait_up "$name" "$plain_url" "$proxy_pid" "$log"
-    case " $modes " in *" tls "*) wait_up "$name (TLS)" "$tls_url" "$proxy_pid" "$log" ;; esac
+    pids[$name]=$pid
+    started+=("$pid")
+    wait_up "$name" "${plain_urls[$name]}" "$pid" "$log"
+    case " $modes " in *" tls "*) wait_up "$name (TLS)" "${tls_urls[$name]}" "$pid" "$log" ;; esac
 }
 
 # --- environment report --------------------------------------------------------------------
@@ -360,17 +363,23 @@ if [ "$baseline" = 1 ]; then
         measure upstream-direct plain "$c" "http://127.0.0.1:$up_port/" "$up_pid"
     done
 fi
+# All proxies run at once (an idle one costs nothing) and the runs are interleaved, proxy by proxy
+# within each cell of the matrix, so a change in background load affects all of them alike.
+names=""
 for name in breakwater nginx haproxy; do
-    case " $only " in *" $name "*) ;; *) continue ;; esac
+    case " $only " in *" $name "*) names="$names $name" ;; esac
+done
+for name in $names; do
     say "starting $name"
     start_proxy "$name"
-    for m in $modes; do
-        for c in $connections; do
-            if [ "$m" = tls ]; then url="$tls_url"; else url="$plain_url"; fi
-            measure "$name" "$m" "$c" "$url" "$proxy_pid"
+done
+for m in $modes; do
+    for c in $connections; do
+        for name in $names; do
+            if [ "$m" = tls ]; then url="${tls_urls[$name]}"; else url="${plain_urls[$name]}"; fi
+            measure "$name" "$m" "$c" "$url" "${pids[$name]}"
         done
     done
-    stop_pid "$proxy_pid"
 done
 
 echo

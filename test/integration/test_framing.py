@@ -86,7 +86,7 @@ CASES = [
     ("reqline-target-del", _req("GET /bad\x7f HTTP/1.1\r\n" + HOST), 400),
     ("reqline-bad-method", _req("G(T /bad HTTP/1.1\r\n" + HOST), 400),
     ("reqline-other-scheme", _req("GET ftp://example.test/bad HTTP/1.1\r\n" + HOST), 400),
-    ("tls-on-plain-port", b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 64, 400),
+    ("binary-request-line", b"\x16\x03\x01\x00\xa5\x01\x00 \xa1\x03\x03\r\n\r\n", 400),
     ("version-2.0", _req("GET /bad HTTP/2.0\r\n" + HOST), 505),
     ("version-1.2", _req("GET /bad HTTP/1.2\r\n" + HOST), 505),
     ("version-3.0", _req("GET /bad HTTP/3.0\r\n" + HOST), 505),
@@ -124,7 +124,8 @@ def framing_env(tmp_path_factory):
     config = harness.base_config(
         [up],
         limits={"max_headers": MAX_HEADERS, "max_header_bytes": MAX_HEADER_BYTES,
-                "header_timeout_ms": int(10000 * harness.SLOW)})
+                "header_timeout_ms": int(10000 * harness.SLOW)},
+        upstreams={"api": {"circuit_breaker": {"failure_threshold": 100000}}})
     bw = harness.Breakwater(config, tmp_path_factory.mktemp("framing"))
     yield up, bw
     bw.stop()

@@ -76,6 +76,7 @@ def send_pattern(client, total, deadline, chunk_framing=False):
         client.sock.sendall(b"0\r\n\r\n")
 
 
+@pytest.mark.slow
 def test_large_upload_streams_with_bounded_memory(upstream_factory, breakwater_factory):
     results = []
     up = upstream_factory(counting_handler(results), read_body=False)
@@ -91,6 +92,7 @@ def test_large_upload_streams_with_bounded_memory(upstream_factory, breakwater_f
     assert_memory_bounded(bw)
 
 
+@pytest.mark.slow
 def test_large_download_streams_with_bounded_memory(upstream_factory, breakwater_factory):
     def handler(req, conn):
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG)
@@ -154,6 +156,7 @@ def test_chunked_download(upstream_factory, breakwater_factory):
     assert_memory_bounded(bw)
 
 
+@pytest.mark.slow
 def test_slow_reader_applies_backpressure(upstream_factory, breakwater_factory):
     """A client that stops reading must not make the worker buffer the whole response."""
     total = 256 * MiB

@@ -197,14 +197,12 @@ static void test_full_config(void **state)
     assert_int_equal(cfg->workers, 3);
     assert_string_equal(bw_sockaddr_format(&cfg->listeners[0].addr, buf, sizeof buf),
                         "0.0.0.0:8080");
-    assert_string_equal(bw_sockaddr_format(&cfg->listeners[1].addr, buf, sizeof buf),
-                        "[::1]:8081");
+    assert_string_equal(bw_sockaddr_format(&cfg->listeners[1].addr, buf, sizeof buf), "[::1]:8081");
     assert_true(cfg->admin.enabled);
     assert_null(cfg->admin.token_env);
     const bw_upstream_conf *u = &cfg->upstreams[0];
     assert_int_equal(u->n_servers, 3);
-    assert_string_equal(bw_sockaddr_format(&u->servers[1].addr, buf, sizeof buf),
-                        "127.0.0.1:9002");
+    assert_string_equal(bw_sockaddr_format(&u->servers[1].addr, buf, sizeof buf), "127.0.0.1:9002");
     assert_string_equal(u->servers[1].address, "localhost:9002");
     assert_true(u->critical);
     assert_int_equal(u->balance, BW_BALANCE_LEAST_CONN);
@@ -282,9 +280,11 @@ static void test_default_policy_named_default(void **state)
 static void test_syntax_error_position(void **state)
 {
     (void)state;
-    const char *text = "{\n  \"workers\": 1,\n  \"listeners\": [\n    {\"address\" \"x\"}\n  ]\n}\n";
-    expect_error(text, "test.json:4:16: invalid JSON: unexpected '\"', expected ':' after the field "
-                       "name");
+    const char *text =
+        "{\n  \"workers\": 1,\n  \"listeners\": [\n    {\"address\" \"x\"}\n  ]\n}\n";
+    expect_error(text,
+                 "test.json:4:16: invalid JSON: unexpected '\"', expected ':' after the field "
+                 "name");
 }
 
 static void test_syntax_trailing_comma(void **state)
@@ -308,7 +308,8 @@ static void test_syntax_empty_and_garbage(void **state)
     expect_error("", "test.json:1:1: invalid JSON: the file is empty");
     expect_error(" \n ", "test.json:2:2: invalid JSON: the file is empty");
     expect_error("{} x", "test.json:1:4: invalid JSON: unexpected content after the end");
-    expect_errors("{\n // note\n}", 2, (const char *[]){"test.json:2:2:", "comments are not allowed"});
+    expect_errors("{\n // note\n}", 2,
+                  (const char *[]){"test.json:2:2:", "comments are not allowed"});
 }
 
 static void test_syntax_column_counts_characters(void **state)
@@ -322,7 +323,8 @@ static void test_syntax_error_table(void **state)
 {
     (void)state;
     static const char *const cases[][2] = {
-        {"{\"a\": 1\n \"b\": 2}", "test.json:2:2: invalid JSON: unexpected '\"', expected ',' or '}'"},
+        {"{\"a\": 1\n \"b\": 2}",
+         "test.json:2:2: invalid JSON: unexpected '\"', expected ',' or '}'"},
         {"{\"a\": [1 2]}", "test.json:1:10: invalid JSON: unexpected '2', expected ',' or ']'"},
         {"{'a': 1}", "test.json:1:2: invalid JSON: strings must use double quotes"},
         {"{\"a\": 'x'}", "test.json:1:7: invalid JSON: strings must use double quotes"},
@@ -425,16 +427,15 @@ static void test_reports_all_problems(void **state)
 static void test_unknown_fields_every_level(void **state)
 {
     (void)state;
-    const char *text =
-        "{\"listeners\": [{\"address\": \"127.0.0.1:1\", \"adress\": 1,"
-        "  \"tls\": {\"cert\": \"c\", \"key\": \"k\", \"ca\": 1}}],"
-        " \"admin\": {\"address\": \"127.0.0.1:2\", \"tokn\": 1},"
-        " \"upstreams\": {\"api\": {\"servers\": [\"127.0.0.1:9\"], \"timeout\": 1,"
-        "   \"circuit_breaker\": {\"threshold\": 1}}},"
-        " \"routes\": [{\"upstream\": \"api\", \"prefix\": \"/\"}],"
-        " \"rate_limits\": {\"p\": {\"burst\": 1}},"
-        " \"redis\": {\"url\": \"redis://127.0.0.1:6379\", \"db\": 1},"
-        " \"log\": {\"file\": 1}, \"limits\": {\"max_body\": 1}}";
+    const char *text = "{\"listeners\": [{\"address\": \"127.0.0.1:1\", \"adress\": 1,"
+                       "  \"tls\": {\"cert\": \"c\", \"key\": \"k\", \"ca\": 1}}],"
+                       " \"admin\": {\"address\": \"127.0.0.1:2\", \"tokn\": 1},"
+                       " \"upstreams\": {\"api\": {\"servers\": [\"127.0.0.1:9\"], \"timeout\": 1,"
+                       "   \"circuit_breaker\": {\"threshold\": 1}}},"
+                       " \"routes\": [{\"upstream\": \"api\", \"prefix\": \"/\"}],"
+                       " \"rate_limits\": {\"p\": {\"burst\": 1}},"
+                       " \"redis\": {\"url\": \"redis://127.0.0.1:6379\", \"db\": 1},"
+                       " \"log\": {\"file\": 1}, \"limits\": {\"max_body\": 1}}";
     expect_errors(text, 10,
                   (const char *[]){"listeners[0].adress: unknown field \"adress\" (allowed here: "
                                    "address, tls)",
@@ -456,17 +457,16 @@ static void test_duplicate_key(void **state)
 static void test_wrong_types(void **state)
 {
     (void)state;
-    expect_errors(
-        "{\"workers\": \"2\", \"listeners\": {}, \"upstreams\": [], \"routes\": \"/\","
-        " \"probes_on_listeners\": 1, \"trusted_proxies\": \"10.0.0.0/8\", \"log\": []}",
-        7,
-        (const char *[]){"workers: must be an integer between 0 and 1024, got \"2\"",
-                         "listeners: must be an array of listener objects, got an object",
-                         "upstreams: must be an object mapping upstream names",
-                         "routes: must be an array of route objects, got \"/\"",
-                         "probes_on_listeners: must be true or false, got 1",
-                         "trusted_proxies: must be an array of CIDR strings",
-                         "log: must be an object, got an array"});
+    expect_errors("{\"workers\": \"2\", \"listeners\": {}, \"upstreams\": [], \"routes\": \"/\","
+                  " \"probes_on_listeners\": 1, \"trusted_proxies\": \"10.0.0.0/8\", \"log\": []}",
+                  7,
+                  (const char *[]){"workers: must be an integer between 0 and 1024, got \"2\"",
+                                   "listeners: must be an array of listener objects, got an object",
+                                   "upstreams: must be an object mapping upstream names",
+                                   "routes: must be an array of route objects, got \"/\"",
+                                   "probes_on_listeners: must be true or false, got 1",
+                                   "trusted_proxies: must be an array of CIDR strings",
+                                   "log: must be an object, got an array"});
     expect_error("{\"workers\": 1.5," LISTEN "," UPS "," ROUTES "}",
                  "workers: must be an integer between 0 and 1024, got 1.5");
 }
@@ -494,16 +494,17 @@ static void test_listener_addresses(void **state)
 static void test_duplicate_listeners_and_admin(void **state)
 {
     (void)state;
-    expect_errors("{\"listeners\": [{\"address\": \"127.0.0.1:8080\"},"
-                  " {\"address\": \"localhost:8080\"}, {\"address\": \"*:9000\"},"
-                  " {\"address\": \"10.1.1.1:9000\"}],"
-                  " \"admin\": {\"address\": \"127.0.0.1:8080\"}," UPS "," ROUTES "}",
-                  3,
-                  (const char *[]){"listeners[1].address: \"localhost:8080\" conflicts with "
-                                   "listeners[0] (\"127.0.0.1:8080\")",
-                                   "listeners[3].address: \"10.1.1.1:9000\" conflicts with "
-                                   "listeners[2] (\"*:9000\")",
-                                   "admin.address: \"127.0.0.1:8080\" conflicts with listeners[0]"});
+    expect_errors(
+        "{\"listeners\": [{\"address\": \"127.0.0.1:8080\"},"
+        " {\"address\": \"localhost:8080\"}, {\"address\": \"*:9000\"},"
+        " {\"address\": \"10.1.1.1:9000\"}],"
+        " \"admin\": {\"address\": \"127.0.0.1:8080\"}," UPS "," ROUTES "}",
+        3,
+        (const char *[]){"listeners[1].address: \"localhost:8080\" conflicts with "
+                         "listeners[0] (\"127.0.0.1:8080\")",
+                         "listeners[3].address: \"10.1.1.1:9000\" conflicts with "
+                         "listeners[2] (\"*:9000\")",
+                         "admin.address: \"127.0.0.1:8080\" conflicts with listeners[0]"});
 }
 
 static void test_admin_rules(void **state)
@@ -835,11 +836,10 @@ static void test_tls_paths_relative_to_config(void **state)
 static void test_tls_requires_cert_and_key(void **state)
 {
     (void)state;
-    expect_errors("{\"listeners\": [{\"address\": \"127.0.0.1:8443\", \"tls\": {}}]," UPS
-                  "," ROUTES "}",
-                  2,
-                  (const char *[]){"listeners[0].tls.cert: required field is missing",
-                                   "listeners[0].tls.key: required field is missing"});
+    expect_errors(
+        "{\"listeners\": [{\"address\": \"127.0.0.1:8443\", \"tls\": {}}]," UPS "," ROUTES "}", 2,
+        (const char *[]){"listeners[0].tls.cert: required field is missing",
+                         "listeners[0].tls.key: required field is missing"});
     expect_error("{\"listeners\": [{\"address\": \"127.0.0.1:8443\", \"tls\": true}]," UPS
                  "," ROUTES "}",
                  "listeners[0].tls: must be an object, got true");
@@ -904,12 +904,11 @@ static void test_env_reset_raises_default_max(void **state)
 static void test_env_rate_limit_overrides(void **state)
 {
     (void)state;
-    static const char *const env[] = {"RATE_LIMIT_CAPACITY", "42", "RATE_LIMIT_REFILL_RATE",
-                                      "0.25", NULL};
+    static const char *const env[] = {"RATE_LIMIT_CAPACITY", "42", "RATE_LIMIT_REFILL_RATE", "0.25",
+                                      NULL};
     fake_env = env;
-    bw_config *cfg =
-        parse_ok("{" LISTEN "," UPS "," ROUTES ", \"rate_limits\": {\"first\": {},"
-                 " \"default\": {\"capacity\": 7}, \"other\": {}}}");
+    bw_config *cfg = parse_ok("{" LISTEN "," UPS "," ROUTES ", \"rate_limits\": {\"first\": {},"
+                              " \"default\": {\"capacity\": 7}, \"other\": {}}}");
     assert_int_equal(cfg->default_rate_limit, 1);
     assert_int_equal(cfg->rate_limits[1].capacity, 7);
     assert_true(cfg->rate_limits[1].refill_per_sec == 0.25);
@@ -996,7 +995,8 @@ static void test_env_invalid_values(void **state)
     assert_true(diag_has(&d, "environment RATE_LIMIT_REFILL_RATE: must be a number between 0"));
     assert_true(diag_has(&d, "environment CIRCUIT_BREAKER_FAILURE_THRESHOLD: must be an integer "
                              "between 1"));
-    assert_true(diag_has(&d, "environment CIRCUIT_BREAKER_RESET_TIMEOUT_SECONDS: must be a number"));
+    assert_true(
+        diag_has(&d, "environment CIRCUIT_BREAKER_RESET_TIMEOUT_SECONDS: must be a number"));
     assert_true(diag_has(&d, "environment CIRCUIT_BREAKER_HALF_OPEN_SUCCESS_THRESHOLD: must be an "
                              "integer between 1"));
     assert_true(diag_has(&d, "environment REDIS_URL: invalid URL: invalid host:port"));
@@ -1127,9 +1127,9 @@ static void test_sockaddr_parse_format(void **state)
 {
     (void)state;
     static const char *const good[][2] = {
-        {"127.0.0.1:8080", "127.0.0.1:8080"}, {"*:80", "0.0.0.0:80"},
-        {"localhost:9001", "127.0.0.1:9001"}, {"LOCALHOST:1", "127.0.0.1:1"},
-        {"[::1]:8443", "[::1]:8443"},         {"[::]:65535", "[::]:65535"},
+        {"127.0.0.1:8080", "127.0.0.1:8080"},   {"*:80", "0.0.0.0:80"},
+        {"localhost:9001", "127.0.0.1:9001"},   {"LOCALHOST:1", "127.0.0.1:1"},
+        {"[::1]:8443", "[::1]:8443"},           {"[::]:65535", "[::]:65535"},
         {"[2001:db8::1]:1", "[2001:db8::1]:1"},
     };
     bw_sockaddr a;

@@ -191,8 +191,7 @@ static void test_request_expect(void **state)
                      BW_HTTP_OK);
     assert_false(head.expect_continue);
     assert_true(head.expect_other);
-    assert_int_equal(parse_req(RAW("PUT / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n")),
-                     BW_HTTP_OK);
+    assert_int_equal(parse_req(RAW("PUT / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n")), BW_HTTP_OK);
     assert_false(head.expect_continue);
     assert_false(head.expect_other);
 }
@@ -292,6 +291,10 @@ struct reject_case {
 
 static const struct reject_case request_rejects[] = {
     /* the libevhtp 1.2.18 parser defects */
+    REJECT("Content_Length lookalike", P "Content_Length: 5\r\n\r\n", BAD,
+           "Content-Length spelled with an underscore"),
+    REJECT("Transfer_Encoding lookalike", P "TRANSFER_ENCODING: chunked\r\n\r\n", BAD,
+           "Transfer-Encoding spelled with an underscore"),
     REJECT("evhtp duplicate Content-Length", P "Content-Length: 5\r\nContent-Length: 50\r\n\r\n",
            BAD, "duplicate Content-Length"),
     REJECT("duplicate equal Content-Length", P "Content-Length: 5\r\nContent-Length: 5\r\n\r\n",
