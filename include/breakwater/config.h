@@ -53,6 +53,7 @@ typedef struct bw_listener_conf {
     bw_sockaddr addr;
     bool tls_enabled;
     bw_tls_conf tls;
+    int shm_slot; /* assigned by bw_shm_bind(); metrics label slot */
 } bw_listener_conf;
 
 typedef struct bw_admin_conf {
@@ -101,6 +102,7 @@ typedef struct bw_upstream_conf {
     uint32_t keepalive_timeout_ms; /* idle pooled connection lifetime; default 60000 */
     uint32_t retries;              /* extra attempts on another server; default 1 */
     bw_breaker_conf breaker;
+    int shm_slot; /* assigned by bw_shm_bind(): breaker and counters slot */
 } bw_upstream_conf;
 
 typedef enum bw_rl_key_kind {
@@ -117,6 +119,7 @@ typedef struct bw_ratelimit_conf {
     bool dry_run;
     uint32_t ipv6_prefix;  /* IPv6 clients grouped by this prefix length; default 64 */
     bool set_capacity, set_refill; /* explicit in the file (env overrides apply otherwise) */
+    int shm_slot; /* assigned by bw_shm_bind(): the policy id in the rate-limit table */
 } bw_ratelimit_conf;
 
 typedef struct bw_route_conf {
@@ -126,6 +129,7 @@ typedef struct bw_route_conf {
     char *name;        /* label in metrics; default "<host><path_prefix>" */
     int upstream;      /* index into bw_config.upstreams */
     int rate_limit;    /* index into bw_config.rate_limits, or -1 */
+    int shm_slot;      /* assigned by bw_shm_bind(): counters slot */
 } bw_route_conf;
 
 typedef struct bw_cidr {

@@ -547,13 +547,15 @@ class Client:
         self.close()
 
 
-def http_request(port, raw, timeout=10, method=None, close_wait=1.0, host="127.0.0.1"):
+def http_request(port, raw, timeout=10, method=None, close_wait=0.5, host="127.0.0.1"):
     """Sends raw bytes on a fresh connection and reads one response.
 
     Returns (status, headers, body, closed): status is None when the connection ended without
-    a response head; closed tells whether the server closed the connection after the response
-    (waiting up to close_wait seconds for that, unless the response itself was close-delimited).
-    The method used for framing is taken from the raw request's first word unless given."""
+    a response head; closed tells whether the server closed the connection after the response.
+    When the response announces the close (Connection: close, or HTTP/1.0 without keep-alive)
+    the wait for it is generous (timeout); otherwise it is close_wait seconds, so a keep-alive
+    response costs little. The method used for framing is the raw request's first word unless
+    given."""
     if isinstance(raw, str):
         raw = raw.encode("latin-1")
     if method is None:
@@ -568,10 +570,13 @@ def http_request(port, raw, timeout=10, method=None, close_wait=1.0, host="127.0
             resp = c.read_response(method)
         except NoResponse:
             return None, Headers(), b"", True
+        tokens = _connection_tokens(resp.headers)
+        announced = "close" in tokens or (resp.version == "HTTP/1.0"
+                                          and "keep-alive" not in tokens)
         if resp.framing == "close" or c.reader.eof:
             closed = True
         else:
-            closed = c.wait_closed(close_wait)
+            closed = c.wait_closed(timeout * SLOW if announced else close_wait)
         return resp.status, resp.headers, resp.body, closed
     finally:
         c.close()
