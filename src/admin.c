@@ -13,9 +13,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 #include <event2/bufferevent.h>
 #include <event2/listener.h>
+
+#include "breakwater/breaker.h"
+#include "breakwater/metrics.h"
+#include "breakwater/probes.h"
 
 #define ADMIN_HEAD_MAX 16384
 #define ADMIN_IDLE_SECONDS 30
@@ -27,6 +32,9 @@ struct bw_admin {
     const bw_config *cfg;
     bw_admin_status_fn status;
     void *status_arg;
+    const bw_shm *shm;
+    bw_admin_reset_fn on_reset;
+    void *on_reset_arg;
     struct admin_conn *conns;
 };
 
@@ -106,6 +114,72 @@ int bw_admin_respond(bw_admin *a, const bw_http_head *req, struct evbuffer *body
         evbuffer_add_printf(body, "ok\n");
         return 200;
     }
+    if (!a->cfg || !a->shm) {
+        evbuffer_add_printf(body, "{\"error\":\"not configured\"}\n");
+        return 503;
+    }
+    if (path_is(req, "/readyz")) {
+        if (!get)
+            goto method;
+        return bw_probes_readyz(a->shm, a->cfg, st.draining, bw_probes_wall_ms(), body);
+    }
+    if (path_is(req, "/metrics")) {
+        if (!get)
+            goto method;
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        bw_metrics_master mm = {
+            .worker_restarts = st.worker_restarts,
+            .reloads_success = st.reloads_ok,
+            .reloads_failure = st.reloads_failed,
+            .redis_pending_deltas = st.redis_pending_deltas,
+        };
+        *content_type = "text/plain; version=0.0.4; charset=utf-8";
+        bw_metrics_render(a->shm, a->cfg, &mm,
+                          (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u,
+                          bw_probes_wall_ms(), body);
+        return 200;
+    }
+    if (path_is(req, "/upstreams")) {
+        if (!get)
+            goto method;
+        bw_probes_upstreams_json(a->shm, a->cfg, bw_probes_wall_ms(), body);
+        return 200;
+    }
+    if (req->target_len > 11 && memcmp(req->target, "/upstreams/", 11) == 0) {
+        const char *name = req->target + 11;
+        const char *end = req->target + req->target_len;
+        const char *slash = memchr(name, '/', (size_t)(end - name));
+        if (!slash || (size_t)(end - slash) != 6 || memcmp(slash, "/reset", 6) != 0)
+            goto not_found;
+        const bw_upstream_conf *u = NULL;
+        for (size_t i = 0; i < a->cfg->n_upstreams; i++) {
+            const bw_upstream_conf *c = &a->cfg->upstreams[i];
+            if (strlen(c->name) == (size_t)(slash - name) &&
+                memcmp(c->name, name, (size_t)(slash - name)) == 0)
+                u = c;
+        }
+        if (!u) {
+            evbuffer_add_printf(body, "{\"error\":\"unknown upstream\"}\n");
+            return 404;
+        }
+        if (req->method != BW_METHOD_POST)
+            goto method;
+        uint64_t now = bw_probes_wall_ms();
+        bw_breaker_transition t = {0};
+        bw_breaker_reset(bw_shm_breaker(a->shm, u->shm_slot), now, &t);
+        if (t.happened)
+            bw_log_info(a->log, "breaker %s: reset by the operator (%s -> closed)", u->name,
+                        bw_breaker_state_name(t.from));
+        else
+            bw_log_info(a->log, "breaker %s: reset by the operator (was closed)", u->name);
+        if (a->on_reset)
+            a->on_reset(a->on_reset_arg, u->name);
+        bw_probes_upstream_json(a->shm, u, now, body);
+        evbuffer_add(body, "\n", 1);
+        return 200;
+    }
+not_found:
     evbuffer_add_printf(body, "{\"error\":\"not found\"}\n");
     return 404;
 method:
@@ -226,8 +300,14 @@ static void admin_accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct
     bufferevent_enable(c->bev, EV_READ | EV_WRITE);
 }
 
-bw_admin *bw_admin_new(struct event_base *base, int fd, bw_log *log, bw_admin_status_fn status,
-                       void *status_arg)
+void bw_admin_on_reset(bw_admin *a, bw_admin_reset_fn fn, void *arg)
+{
+    a->on_reset = fn;
+    a->on_reset_arg = arg;
+}
+
+bw_admin *bw_admin_new(struct event_base *base, int fd, bw_log *log, const bw_shm *shm,
+                       bw_admin_status_fn status, void *status_arg)
 {
     bw_admin *a = calloc(1, sizeof(*a));
     if (!a)
@@ -236,6 +316,7 @@ bw_admin *bw_admin_new(struct event_base *base, int fd, bw_log *log, bw_admin_st
     a->log = log;
     a->status = status;
     a->status_arg = status_arg;
+    a->shm = shm;
     if (fd >= 0) {
         a->listener = evconnlistener_new(base, admin_accept_cb, a, LEV_OPT_CLOSE_ON_FREE, -1, fd);
         if (!a->listener) {

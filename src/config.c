@@ -1522,7 +1522,7 @@ static void parse_breaker(vctx *c, const cJSON *ub, const char *up, bw_breaker_c
     if (o != NULL) {
         check_fields(c, o, p, fields);
         b->set_failure_threshold =
-            get_u32(c, o, p, "failure_threshold", 1, MAX_COUNT, &b->failure_threshold);
+            get_u32(c, o, p, "failure_threshold", 0, MAX_COUNT, &b->failure_threshold);
         b->set_reset_timeout_ms =
             get_u32(c, o, p, "reset_timeout_ms", 1, MAX_MS, &b->reset_timeout_ms);
         max_set = get_u32(c, o, p, "max_reset_timeout_ms", 1, MAX_MS, &b->max_reset_timeout_ms);

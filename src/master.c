@@ -33,6 +33,8 @@
 #include <event2/event.h>
 
 #include "breakwater/admin.h"
+#include "breakwater/probes.h"
+#include "breakwater/shm.h"
 #include "breakwater/tls.h"
 #include "breakwater/worker.h"
 
@@ -46,6 +48,7 @@ typedef struct bw_generation {
     int *fds;      /* per listener; owned by the master's socket table */
     SSL_CTX **tls; /* per listener */
     pid_t *pids;   /* per worker slot, 0 when not running */
+    int *shm_slots; /* per worker slot: its counters in the shared region */
     int64_t *started_ms;
     uint32_t n_workers;
     uint32_t alive;
@@ -71,6 +74,7 @@ typedef struct bw_master {
     size_t n_socks;
     bw_admin *admin;
     char admin_key[80];
+    bw_shm shm;
     uint64_t worker_restarts, reloads_ok, reloads_failed;
     bool stopping;
     int sigfd;
@@ -176,6 +180,7 @@ static void generation_free(bw_generation *g)
     }
     free(g->fds);
     free(g->pids);
+    free(g->shm_slots);
     free(g->started_ms);
     bw_config_free(g->cfg);
     free(g);
@@ -195,8 +200,9 @@ static bw_generation *generation_new(bw_master *m, bw_config *cfg, bw_diag *diag
     g->fds = calloc(cfg->n_listeners, sizeof(int));
     g->tls = calloc(cfg->n_listeners, sizeof(SSL_CTX *));
     g->pids = calloc(g->n_workers, sizeof(pid_t));
+    g->shm_slots = calloc(g->n_workers, sizeof(int));
     g->started_ms = calloc(g->n_workers, sizeof(int64_t));
-    if (!g->fds || !g->tls || !g->pids || !g->started_ms) {
+    if (!g->fds || !g->tls || !g->pids || !g->shm_slots || !g->started_ms) {
         bw_diag_add(diag, "out of memory");
         generation_free(g);
         return NULL;
@@ -217,6 +223,12 @@ static bw_generation *generation_new(bw_master *m, bw_config *cfg, bw_diag *diag
             if (!g->tls[i])
                 ok = false;
         }
+    }
+    char err[200];
+    if (ok && bw_shm_bind(&m->shm, cfg, (uint64_t)m->next_gen_id + 1, bw_probes_wall_ms(), err,
+                          sizeof(err)) < 0) {
+        bw_diag_add(diag, "%s: %s", cfg->path, err);
+        ok = false;
     }
     if (!ok) {
         /* Keep the sockets the running generation still uses. */
@@ -239,6 +251,8 @@ static bw_generation *generation_new(bw_master *m, bw_config *cfg, bw_diag *diag
 static void spawn_worker(bw_master *m, bw_generation *g, uint32_t slot)
 {
     pid_t master_pid = getpid();
+    /* The slot is taken before fork so the child knows it; the child's pid is set after. */
+    int shm_slot = bw_shm_worker_acquire(&m->shm, master_pid, (uint64_t)mono_ms());
     pid_t pid = fork();
     if (pid == 0) {
         close(m->sigfd);
@@ -264,16 +278,23 @@ static void spawn_worker(bw_master *m, bw_generation *g, uint32_t slot)
             .master_pid = master_pid,
             .listen_fds = g->fds,
             .tls = g->tls,
+            .shm = &m->shm,
+            .worker_slot = shm_slot,
         };
         _exit(bw_worker_run(&args));
     }
     if (pid < 0) {
+        if (shm_slot >= 0)
+            bw_shm_worker_release(&m->shm, shm_slot);
         bw_log_error(&m->log, "fork failed: %s; will retry", strerror(errno));
         struct timeval tv = {0, RESPAWN_DELAY_MS * 1000};
         evtimer_add(m->respawn_timer, &tv);
         return;
     }
     g->pids[slot] = pid;
+    g->shm_slots[slot] = shm_slot;
+    if (shm_slot >= 0)
+        atomic_store(&bw_shm_worker(&m->shm, shm_slot)->pid, (int32_t)pid);
     g->started_ms[slot] = mono_ms();
     g->alive++;
 }
@@ -337,6 +358,8 @@ static void reap(bw_master *m)
                 found = true;
                 cur->pids[i] = 0;
                 cur->alive--;
+                if (cur->shm_slots[i] >= 0)
+                    bw_shm_worker_release(&m->shm, cur->shm_slots[i]);
                 if (m->stopping) {
                     bw_log_info(&m->log, "worker %u (pid %d) %s", i + 1, (int)pid, how);
                     break;
@@ -360,6 +383,8 @@ static void reap(bw_master *m)
                     found = true;
                     g->pids[i] = 0;
                     g->alive--;
+                    if (g->shm_slots[i] >= 0)
+                        bw_shm_worker_release(&m->shm, g->shm_slots[i]);
                     bw_log_info(&m->log, "old worker (generation %d, pid %d) %s", g->id,
                                 (int)pid, how);
                 }
@@ -428,7 +453,7 @@ static int admin_apply(bw_master *m, const bw_config *cfg, char *err, size_t err
         if (fd < 0)
             return -1;
     }
-    bw_admin *a = bw_admin_new(m->base, fd, &m->log, master_status, m);
+    bw_admin *a = bw_admin_new(m->base, fd, &m->log, &m->shm, master_status, m);
     if (!a) {
         if (fd >= 0)
             close(fd);
@@ -492,10 +517,11 @@ static void start_stop(bw_master *m, const char *why)
     if (m->stopping)
         return;
     m->stopping = true;
+    atomic_store(&m->shm.hdr->status.draining, 1u);
     bw_log_info(&m->log, "%s: draining workers (up to %u ms)", why,
                 m->current ? m->current->cfg->shutdown_timeout_ms : 0);
-    bw_admin_free(m->admin);
-    m->admin = NULL;
+    /* The admin listener stays up while the workers drain, so that /readyz can say 503
+     * (draining) to a load balancer instead of just refusing connections. */
     lsock_close_all(m);
     uint32_t timeout = m->current ? m->current->cfg->shutdown_timeout_ms : 0;
     if (m->current)
@@ -581,6 +607,13 @@ int bw_master_run(const char *config_path, bw_config *cfg)
         bw_config_free(cfg);
         goto out;
     }
+    if (bw_shm_create(&m.shm, cfg, err, sizeof(err)) < 0) {
+        bw_log_error(&m.log, "cannot create the shared memory region: %s", err);
+        bw_config_free(cfg);
+        goto out;
+    }
+    bw_log_info(&m.log, "shared memory region: %zu bytes (rate-limit table: %u entries, %zu bytes)",
+                m.shm.size, m.shm.hdr->rl_entries, bw_ratelimit_table_size_bytes(m.shm.hdr->rl_entries));
     bw_diag diag;
     bw_diag_init(&diag);
     m.current = generation_new(&m, cfg, &diag);
@@ -630,6 +663,8 @@ out:
         event_base_free(m.base);
     if (m.sigfd > 0)
         close(m.sigfd);
+    if (m.shm.hdr)
+        bw_shm_destroy(&m.shm);
     bw_log_close(&m.log);
     return rc;
 }

@@ -40,8 +40,13 @@
 #include <event2/event.h>
 #include <openssl/err.h>
 
+#include "breakwater/breaker.h"
+#include "breakwater/clientip.h"
 #include "breakwater/http.h"
 #include "breakwater/log.h"
+#include "breakwater/probes.h"
+#include "breakwater/ratelimit.h"
+#include "breakwater/shm.h"
 #include "breakwater/upstream.h"
 
 #define BW_HIGH_WATER (256 * 1024)
@@ -70,6 +75,7 @@ typedef enum up_failure {
     UF_TIMEOUT,         /* no response (or no progress) within response_timeout_ms */
     UF_INVALID,         /* the response was not valid HTTP/1.x */
 } up_failure;
+
 
 typedef struct bw_exchange {
     struct bw_session *s;
@@ -115,6 +121,14 @@ typedef struct bw_exchange {
     char reqid[72];
     size_t reqid_len;
     const char *error;
+    /* admission and outcome */
+    bool quiet;             /* a probe: neither logged nor counted */
+    bool ticketed;          /* the breaker admitted it: an outcome is owed */
+    bool failed;            /* the upstream exchange ended in failure (final) */
+    up_failure failure;
+    bw_breaker_ticket ticket;
+    char extra[192]; /* RateLimit-* and Retry-After lines added to the response head */
+    size_t extra_len;
 } bw_exchange;
 
 typedef struct bw_session {
@@ -123,6 +137,7 @@ typedef struct bw_session {
     struct bw_session *next, *prev;
     int listener;
     bool tls;
+    struct sockaddr_storage peer_sa;
     char peer_ip[INET6_ADDRSTRLEN];
     char peer[INET6_ADDRSTRLEN + 8];
     session_state state;
@@ -191,18 +206,84 @@ static const char *error_reason(int status)
     case 408: return "request timeout";
     case 413: return "payload too large";
     case 417: return "expectation failed";
+    case 429: return "rate limited";
     case 431: return "request header fields too large";
+    case 500: return "internal error";
     case 502: return "bad gateway";
-    case 503: return "service unavailable";
+    case 503: return "circuit open";
     case 504: return "gateway timeout";
     case 505: return "http version not supported";
     default: return bw_http_reason(status);
     }
 }
 
-static void access_log(bw_session *s, bw_exchange *ex)
+static bw_upstream_error_kind error_kind(up_failure why)
+{
+    switch (why) {
+    case UF_CONNECT:
+    case UF_CONNECT_TIMEOUT:
+        return BW_UPERR_CONNECT;
+    case UF_TIMEOUT:
+        return BW_UPERR_TIMEOUT;
+    case UF_RESET:
+        return BW_UPERR_RESET;
+    case UF_INVALID:
+        return BW_UPERR_INVALID;
+    }
+    return BW_UPERR_INVALID;
+}
+
+static void log_transition(bw_worker *w, const bw_upstream_conf *u, const bw_breaker_transition *t)
+{
+    if (!t->happened)
+        return;
+    char what[160];
+    bw_breaker_describe(t, what, sizeof(what));
+    if (t->to == BW_BREAKER_OPEN)
+        bw_log_warn(w->log, "breaker %s: %s", u->name, what);
+    else
+        bw_log_info(w->log, "breaker %s: %s", u->name, what);
+}
+
+/* The outcome hook: tells the upstream's breaker how the exchange it admitted went. Called
+ * once per admitted request; a request the client abandoned before any outcome reports nothing
+ * (a probe permit it held is recovered by the breaker's lease). */
+static void report_outcome(bw_session *s, bw_exchange *ex)
+{
+    if (!ex->ticketed)
+        return;
+    ex->ticketed = false;
+    bw_worker *w = s->w;
+    const bw_upstream_conf *u = ex->pool->conf;
+    bw_breaker_outcome outcome;
+    if (ex->failed) {
+        outcome = BW_BREAKER_FAILURE;
+    } else if (ex->response_ms >= 0) {
+        outcome = bw_breaker_classify(&u->breaker, ex->status, (uint64_t)ex->response_ms);
+        if (outcome == BW_BREAKER_FAILURE)
+            bw_metrics_upstream_error(w->shm, w->worker_slot, u->shm_slot, BW_UPERR_STATUS);
+    } else {
+        return;
+    }
+    bw_breaker_transition t = {0};
+    bw_breaker_report(bw_shm_breaker(w->shm, u->shm_slot), &u->breaker, bw_probes_wall_ms(),
+                      &ex->ticket, outcome, (uint32_t)next_random(&w->reqid_state), &t);
+    log_transition(w, u, &t);
+}
+
+/* Everything that happens once per exchange when it ends: breaker outcome, metrics, access log. */
+static void exchange_record(bw_session *s, bw_exchange *ex)
 {
     bw_worker *w = s->w;
+    report_outcome(s, ex);
+    if (ex->quiet)
+        return;
+    double duration_ms = ms_since(&ex->t_start);
+    bw_metrics_count_request(w->shm, w->worker_slot, ex->route ? ex->route->shm_slot : -1,
+                             ex->status);
+    if (ex->pool && ex->attempts > 0)
+        bw_metrics_observe_duration(w->shm, w->worker_slot, ex->pool->conf->shm_slot,
+                                    (uint64_t)(duration_ms * 1000.0));
     if (w->log->access_fd < 0)
         return;
     bw_access_record r = {0};
@@ -222,7 +303,7 @@ static void access_log(bw_session *s, bw_exchange *ex)
     r.route = ex->route ? ex->route->name : NULL;
     r.request_id = ex->reqid_len ? ex->reqid : NULL;
     r.request_id_len = ex->reqid_len;
-    r.duration_ms = ms_since(&ex->t_start);
+    r.duration_ms = duration_ms;
     r.upstream_connect_ms = ex->connect_ms;
     r.upstream_response_ms = ex->response_ms;
     r.attempts = ex->attempts;
@@ -253,8 +334,9 @@ static void send_local(bw_session *s, int status, const char *body, const char *
     bool head_only = s->req.method == BW_METHOD_HEAD && s->req.method_str;
     int n = evbuffer_add_printf(out,
                                 "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
-                                "%s\r\n",
+                                "%.*s%s\r\n",
                                 status, bw_http_reason(status), content_type, blen,
+                                (int)ex->extra_len, ex->extra,
                                 s->close_after ? "Connection: close\r\n" : "");
     if (n > 0)
         ex->bytes_out += (uint64_t)n;
@@ -330,6 +412,8 @@ void bw_proxy_accept(bw_worker *w, int listener, evutil_socket_t fd, const struc
     s->w = w;
     s->ex.s = s;
     s->listener = listener;
+    if ((size_t)salen <= sizeof(s->peer_sa))
+        memcpy(&s->peer_sa, sa, (size_t)salen);
     int one = 1;
     (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 
@@ -393,6 +477,7 @@ void bw_proxy_accept(bw_worker *w, int listener, evutil_socket_t fd, const struc
         w->sessions->prev = s;
     w->sessions = s;
     w->n_sessions++;
+    bw_metrics_connection(w->shm, w->worker_slot, w->cfg->listeners[listener].shm_slot, 1);
 
     s->state = SS_HEAD;
     bufferevent_setcb(s->bev, client_read_cb, client_write_cb, client_event_cb, s);
@@ -437,6 +522,7 @@ static void session_free(bw_session *s)
     if (s->next)
         s->next->prev = s->prev;
     w->n_sessions--;
+    bw_metrics_connection(w->shm, w->worker_slot, w->cfg->listeners[s->listener].shm_slot, -1);
     if (s->tls && s->clean_close && s->bev) {
         /* Tell the client the close is deliberate: without close_notify, TLS clients report an
          * unexpected EOF. Best effort, non-blocking; the output buffer is already empty. */
@@ -472,7 +558,7 @@ static void session_abort(bw_session *s)
 {
     bw_exchange *ex = &s->ex;
     if (ex->pool)
-        access_log(s, ex);
+        exchange_record(s, ex);
     exchange_clear(ex);
     s->clean_close = false;
     session_close_after_flush(s);
@@ -482,7 +568,7 @@ static void session_abort(bw_session *s)
 static void exchange_finish(bw_exchange *ex)
 {
     bw_session *s = ex->s;
-    access_log(s, ex);
+    exchange_record(s, ex);
     s->served++;
     if (!ex->req_done)
         s->close_after = true;
@@ -762,6 +848,161 @@ static void set_request_id(bw_session *s, bw_exchange *ex)
                                      (unsigned long long)a, (unsigned long long)b);
 }
 
+/* Appends "Name: value" to the exchange's extra response headers. */
+static void add_extra(bw_exchange *ex, const char *name, unsigned long long v)
+{
+    size_t room = sizeof(ex->extra) - ex->extra_len;
+    int n = snprintf(ex->extra + ex->extra_len, room, "%s: %llu\r\n", name, v);
+    if (n > 0 && (size_t)n < room)
+        ex->extra_len += (size_t)n;
+}
+
+/* Joins every X-Forwarded-For field, in order, with ", "; keeps the right-most part when the
+ * total does not fit, since the client identity is read from the right. */
+static size_t joined_xff(const bw_http_head *h, char *buf, size_t cap)
+{
+    size_t len = 0;
+    for (size_t i = 0; i < h->n_headers; i++) {
+        const bw_http_header *hd = &h->headers[i];
+        if (!bw_http_name_eq(hd->name, hd->name_len, "x-forwarded-for"))
+            continue;
+        const char *v = hd->value;
+        size_t vl = hd->value_len;
+        if (len + 2 + vl > cap) {
+            len = 0;
+            if (vl > cap)
+                v += vl - cap, vl = cap;
+        } else if (len > 0) {
+            buf[len++] = ',';
+            buf[len++] = ' ';
+        }
+        memcpy(buf + len, v, vl);
+        len += vl;
+    }
+    return len;
+}
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Rate-limit admission: takes a token for the client's key or answers 429. */
+static bool admit_rate_limit(bw_session *s, bw_exchange *ex)
+{
+    bw_worker *w = s->w;
+    const bw_config *cfg = w->cfg;
+    const bw_ratelimit_conf *pc = &cfg->rate_limits[ex->route->rate_limit];
+    const bw_ratelimit_params *pp = &w->rl_params[ex->route->rate_limit];
+    const bw_http_head *h = &s->req;
+    uint64_t hash;
+    if (pc->key_kind == BW_RL_KEY_CLIENT_IP) {
+        char xff[2048];
+        size_t xl = joined_xff(h, xff, sizeof(xff));
+        bw_clientip ip;
+        bw_clientip_key((const struct sockaddr *)&s->peer_sa, xl ? xff : NULL, xl,
+                        cfg->trusted_proxies, cfg->n_trusted_proxies, pc->ipv6_prefix, &ip);
+        hash = bw_ratelimit_hash(&w->shm->hdr->rl_seed, ip.key, sizeof(ip.key));
+    } else {
+        /* Requests without the header share one bucket (the empty key). */
+        const char *v = "";
+        size_t vl = 0;
+        for (size_t i = 0; i < h->n_headers; i++) {
+            if (bw_http_name_eq(h->headers[i].name, h->headers[i].name_len, pc->key_header)) {
+                v = h->headers[i].value;
+                vl = h->headers[i].value_len;
+                break;
+            }
+        }
+        hash = bw_ratelimit_hash(&w->shm->hdr->rl_seed, v, vl);
+    }
+    bw_ratelimit_result res;
+    bw_ratelimit_decision d =
+        bw_ratelimit_take(w->rl, (uint32_t)pc->shm_slot, hash, pp, mono_ns(), &res);
+    add_extra(ex, "RateLimit-Limit", res.limit);
+    add_extra(ex, "RateLimit-Remaining", res.remaining);
+    add_extra(ex, "RateLimit-Reset", bw_ratelimit_ceil_seconds(res.reset_after_ns));
+    if (d == BW_RATELIMIT_ALLOW)
+        return true;
+    bw_metrics_rate_limited(w->shm, w->worker_slot, pc->shm_slot);
+    if (d == BW_RATELIMIT_DRY_RUN) {
+        bw_log_debug(w->log, "rate limit %s (dry run): would refuse client %s", pc->name,
+                     s->peer_ip);
+        return true;
+    }
+    uint64_t retry = bw_ratelimit_ceil_seconds(res.retry_after_ns);
+    add_extra(ex, "Retry-After", retry ? retry : 1);
+    send_error(s, 429, "rate limited");
+    return false;
+}
+
+/* Breaker admission: while the upstream's breaker is open the request is answered here and the
+ * upstream is not contacted at all. */
+static bool admit_breaker(bw_session *s, bw_exchange *ex)
+{
+    bw_worker *w = s->w;
+    const bw_upstream_conf *u = ex->pool->conf;
+    uint64_t retry_ms = 0;
+    bw_breaker_transition t = {0};
+    bw_breaker_decision d = bw_breaker_allow(
+        bw_shm_breaker(w->shm, u->shm_slot), &u->breaker, bw_probes_wall_ms(),
+        u->connect_timeout_ms + u->response_timeout_ms, &ex->ticket, &retry_ms, &t);
+    log_transition(w, u, &t);
+    if (d != BW_BREAKER_REJECT) {
+        ex->ticketed = true;
+        return true;
+    }
+    add_extra(ex, "Retry-After", bw_breaker_retry_after_s(retry_ms));
+    send_error(s, 503, "circuit open");
+    return false;
+}
+
+/* The admission point: a request can be refused here before any upstream is chosen. */
+static bool admit(bw_session *s, bw_exchange *ex)
+{
+    if (ex->route->rate_limit >= 0 && !admit_rate_limit(s, ex))
+        return false;
+    return admit_breaker(s, ex);
+}
+
+/* /healthz and /readyz answered on a traffic listener. */
+static bool answer_probe(bw_session *s, const char *path, size_t path_len)
+{
+    bw_exchange *ex = &s->ex;
+    bw_worker *w = s->w;
+    bool healthz = path_len == 8 && memcmp(path, "/healthz", 8) == 0;
+    bool readyz = path_len == 7 && memcmp(path, "/readyz", 7) == 0;
+    if (!healthz && !readyz)
+        return false;
+    ex->quiet = true;
+    if (!ex->req_done)
+        s->close_after = true;
+    if (healthz) {
+        send_local(s, 200, "ok\n", "text/plain", false);
+        return true;
+    }
+    struct evbuffer *body = evbuffer_new();
+    if (!body) {
+        send_error(s, 500, "out of memory");
+        return true;
+    }
+    int status = bw_probes_readyz(w->shm, w->cfg, w->draining, bw_probes_wall_ms(), body);
+    size_t n = evbuffer_get_length(body);
+    char *text = malloc(n + 1);
+    if (text) {
+        evbuffer_remove(body, text, n);
+        text[n] = 0;
+        send_local(s, status, text, "application/json", false);
+        free(text);
+    } else {
+        send_error(s, 500, "out of memory");
+    }
+    evbuffer_free(body);
+    return true;
+}
+
 /* A complete, valid head is in s->req: decide what to do with the request. */
 static void dispatch_request(bw_session *s)
 {
@@ -807,13 +1048,9 @@ static void dispatch_request(bw_session *s)
     if (host)
         host_name(host, host_len, &hn, &hn_len);
 
-    if (cfg->probes_on_listeners && h->method == BW_METHOD_GET && path_len == 8 &&
-        memcmp(path, "/healthz", 8) == 0) {
-        if (!ex->req_done)
-            s->close_after = true;
-        send_local(s, 200, "ok\n", "text/plain", false);
+    if (cfg->probes_on_listeners && (h->method == BW_METHOD_GET || h->method == BW_METHOD_HEAD) &&
+        answer_probe(s, path, path_len))
         return;
-    }
 
     const bw_route_conf *r = match_route(cfg, hn, hn_len, path, path_len);
     if (!r) {
@@ -823,10 +1060,12 @@ static void dispatch_request(bw_session *s)
     ex->route = r;
     ex->pool = &s->w->pools[r->upstream];
     ex->idempotent = bw_http_method_idempotent(h->method);
+    if (!admit(s, ex))
+        return;
 
     ex->replay = evbuffer_new();
     if (!ex->replay) {
-        send_error(s, 503, "out of memory");
+        send_error(s, 500, "out of memory");
         return;
     }
     ex->replayable = true;
@@ -910,7 +1149,7 @@ static void session_try_head(bw_session *s)
         char *nh = realloc(s->head, cap);
         if (!nh) {
             ex->req_done = true;
-            send_error(s, 503, "out of memory");
+            send_error(s, 500, "out of memory");
             return;
         }
         s->head = nh;
@@ -1165,6 +1404,9 @@ static void upstream_failed(bw_exchange *ex, up_failure why)
     exchange_release_upstream(ex, false);
 
     if (!(was_reused && why == UF_RESET))
+        bw_metrics_upstream_error(s->w->shm, s->w->worker_slot, ex->pool->conf->shm_slot,
+                                  error_kind(why));
+    if (!(was_reused && why == UF_RESET))
         bw_log_warn(s->w->log, "upstream %s: server %s: %s (attempt %d)", ex->pool->conf->name,
                     addr, failure_name(why), ex->attempts);
     switch (may_retry(ex, why, nothing_written, was_reused)) {
@@ -1179,6 +1421,8 @@ static void upstream_failed(bw_exchange *ex, up_failure why)
         break;
     }
     ex->error = failure_name(why);
+    ex->failed = true;
+    ex->failure = why;
     if (ex->resp_started) {
         /* The client already has part of the response: cutting the connection is the only
          * honest signal left. */
@@ -1359,6 +1603,8 @@ static void write_response_head(bw_exchange *ex, const bw_http_head *r)
             s->close_after = true; /* an HTTP/1.0 client learns the end from the close */
         }
     }
+    if (ex->extra_len)
+        evbuffer_add(out, ex->extra, ex->extra_len);
     if (s->w->draining)
         s->close_after = true;
     if (s->close_after)
@@ -1500,7 +1746,7 @@ static void client_event_cb(struct bufferevent *bev, short what, void *arg)
     if (s->state == SS_EXCHANGE && s->ex.pool) {
         if (!s->ex.resp_started)
             s->ex.status = 499; /* nginx's code for "client closed request" */
-        access_log(s, &s->ex);
+        exchange_record(s, &s->ex);
     }
     session_free(s);
 }

@@ -43,6 +43,8 @@
 #include <sys/random.h>
 #include <sys/types.h>
 
+#include <openssl/evp.h>
+
 /* The table is shared between processes: only lock-free atomics are address-free and safe
  * against a holder being killed (a lock-based fallback would deadlock the survivors). */
 _Static_assert(ATOMIC_LLONG_LOCK_FREE == 2, "64-bit atomics must be lock-free");
@@ -77,9 +79,28 @@ struct bw_ratelimit_table {
     uint32_t probe;
     _Atomic uint64_t evictions;
     _Atomic uint64_t reclaims;
-    uint64_t reserved[4]; /* keeps the slots on their own cache lines */
+    uint64_t fleet_off;           /* bytes from the table to its fleet area; 0 = none */
+    _Atomic uint64_t fleet_share; /* > 1: Redis is down, limit each key to 1/share of it */
+    _Atomic uint64_t fleet_lost;  /* unsent tokens of busy keys forced out of the table */
+    uint64_t reserved[1];         /* keeps the slots on their own cache lines */
     bw_rl_slot slots[];
 };
+
+/*
+ * Fleet area (only in tables made by bw_ratelimit_table_init_fleet), parallel to the slots:
+ * first one 32-bit counter per slot of tokens taken and not yet handed to the master (dense, so
+ * the master's scan reads 4 bytes per slot), then one key record per slot: the key's
+ * fleet-wide name, published like a sequence lock. The owner word is 0 while the text is being
+ * written and the slot's tag once it is complete; a reader that sees the same owner before and
+ * after copying the text, equal to the slot's current tag, has a consistent copy.
+ */
+#define FLEET_TEXT_WORDS 6
+typedef struct bw_rl_fleet_key {
+    _Atomic uint64_t owner;
+    _Atomic uint64_t text[FLEET_TEXT_WORDS]; /* byte 0: length, then the characters */
+} bw_rl_fleet_key;
+
+_Static_assert(BW_RATELIMIT_FLEET_KEY_MAX + 1 <= FLEET_TEXT_WORDS * 8, "key text fits");
 
 _Static_assert(sizeof(bw_rl_slot) == 16, "slot is two words");
 _Static_assert(sizeof(struct bw_ratelimit_table) == 64, "header is one cache line");
@@ -129,6 +150,9 @@ bw_ratelimit_table *bw_ratelimit_table_init(void *mem, uint32_t entries)
     t->probe = entries < BW_RATELIMIT_PROBE ? entries : BW_RATELIMIT_PROBE;
     atomic_init(&t->evictions, 0);
     atomic_init(&t->reclaims, 0);
+    t->fleet_off = 0;
+    atomic_init(&t->fleet_share, 0);
+    atomic_init(&t->fleet_lost, 0);
     memset(t->reserved, 0, sizeof(t->reserved));
     for (uint32_t i = 0; i < entries; i++) {
         atomic_init(&t->slots[i].tag, 0);
@@ -286,9 +310,56 @@ static bool decide(bw_rl_slot *s, uint64_t tag, const bw_ratelimit_params *p, ui
     return decide_time(s, tag, p, now, out);
 }
 
-bw_ratelimit_decision bw_ratelimit_take(bw_ratelimit_table *t, uint32_t policy_id,
-                                        uint64_t key_hash, const bw_ratelimit_params *p,
-                                        uint64_t now, bw_ratelimit_result *out)
+static _Atomic uint32_t *fleet_pending(const bw_ratelimit_table *t)
+{
+    return (_Atomic uint32_t *)((unsigned char *)t + t->fleet_off);
+}
+
+/* The pending counters take entries * 4 bytes, rounded up to keep the key records aligned. */
+static size_t fleet_pending_bytes(uint32_t entries)
+{
+    return ((size_t)entries * sizeof(uint32_t) + 63) & ~(size_t)63;
+}
+
+static bw_rl_fleet_key *fleet_key(const bw_ratelimit_table *t, uint32_t idx)
+{
+    unsigned char *base = (unsigned char *)t + t->fleet_off + fleet_pending_bytes(t->entries);
+    return &((bw_rl_fleet_key *)base)[idx];
+}
+
+static uint32_t slot_index(const bw_ratelimit_table *t, const bw_rl_slot *s)
+{
+    return (uint32_t)(s - t->slots);
+}
+
+/* In a fleet table a slot whose tokens have not reached the master yet is never reclaimed as
+ * idle: reusing it would lose them. Forced eviction still may (and counts what it loses). */
+static bool fleet_busy(const bw_ratelimit_table *t, const bw_rl_slot *s)
+{
+    if (t->fleet_off == 0)
+        return false;
+    return atomic_load_explicit(&fleet_pending(t)[slot_index(t, s)], memory_order_relaxed) != 0;
+}
+
+/* A slot just changed hands: what is still pending belongs to the key that left, and the key
+ * text no longer names the slot's key. */
+static void fleet_claimed(bw_ratelimit_table *t, bw_rl_slot *s)
+{
+    if (t->fleet_off == 0)
+        return;
+    uint32_t idx = slot_index(t, s);
+    uint32_t lost = atomic_exchange_explicit(&fleet_pending(t)[idx], 0, memory_order_relaxed);
+    if (lost != 0)
+        atomic_fetch_add_explicit(&t->fleet_lost, lost, memory_order_relaxed);
+    atomic_store_explicit(&fleet_key(t, idx)->owner, 0, memory_order_release);
+}
+
+/* The lookup-claim-decide loop shared by both take functions; *slot_out and *tag_out say which
+ * slot decided, for the fleet bookkeeping. */
+static bw_ratelimit_decision take_slot(bw_ratelimit_table *t, uint32_t policy_id,
+                                       uint64_t key_hash, const bw_ratelimit_params *p,
+                                       uint64_t now, bw_ratelimit_result *out,
+                                       bw_rl_slot **slot_out, uint64_t *tag_out)
 {
     uint32_t home;
     uint64_t tag = key_tag(t, policy_id, key_hash, &home);
@@ -317,7 +388,7 @@ bw_ratelimit_decision bw_ratelimit_take(bw_ratelimit_table *t, uint32_t policy_i
                 break;
             }
             uint64_t v = atomic_load_explicit(&s->value, memory_order_acquire);
-            if (claim == NULL && value_idle(v, now)) {
+            if (claim == NULL && value_idle(v, now) && !fleet_busy(t, s)) {
                 claim = s;
                 claim_tag = tg;
                 claim_value = v;
@@ -345,6 +416,7 @@ bw_ratelimit_decision bw_ratelimit_take(bw_ratelimit_table *t, uint32_t policy_i
             if (!atomic_compare_exchange_strong_explicit(
                     &claim->tag, &claim_tag, tag, memory_order_acq_rel, memory_order_acquire))
                 continue;
+            fleet_claimed(t, claim);
             if (forced)
                 atomic_fetch_add_explicit(&t->evictions, 1, memory_order_relaxed);
             else if (claim_tag != 0)
@@ -353,6 +425,8 @@ bw_ratelimit_decision bw_ratelimit_take(bw_ratelimit_table *t, uint32_t policy_i
         }
 
         if (decide(found, tag, p, now, out)) {
+            *slot_out = found;
+            *tag_out = tag;
             out->evicted = forced;
             out->limit = p->limit;
             if (out->allowed)
@@ -360,6 +434,15 @@ bw_ratelimit_decision bw_ratelimit_take(bw_ratelimit_table *t, uint32_t policy_i
             return p->dry_run ? BW_RATELIMIT_DRY_RUN : BW_RATELIMIT_REFUSE;
         }
     }
+}
+
+bw_ratelimit_decision bw_ratelimit_take(bw_ratelimit_table *t, uint32_t policy_id,
+                                        uint64_t key_hash, const bw_ratelimit_params *p,
+                                        uint64_t now, bw_ratelimit_result *out)
+{
+    bw_rl_slot *slot;
+    uint64_t tag;
+    return take_slot(t, policy_id, key_hash, p, now, out, &slot, &tag);
 }
 
 uint64_t bw_ratelimit_ceil_seconds(uint64_t ns)
@@ -495,4 +578,245 @@ int bw_ratelimit_seed_random(bw_ratelimit_seed *out)
     out->k0 = buf[0];
     out->k1 = buf[1];
     return 0;
+}
+
+/*
+ * Fleet support: what the master's Redis synchronisation needs from the table. Workers add one
+ * relaxed increment per allowed request (bw_ratelimit_take_fleet) and write a key's fleet-wide
+ * name once per slot claim; the master scans the dense pending counters, reads names, and pulls
+ * the fleet's consumption back into a bucket with one compare-and-swap (absorb). Nothing here
+ * blocks or allocates, and every step leaves a valid table if its process dies right after it.
+ */
+
+size_t bw_ratelimit_table_size_bytes_fleet(uint32_t entries)
+{
+    if (entries == 0)
+        entries = 1;
+    return bw_ratelimit_table_size_bytes(entries) + fleet_pending_bytes(entries) +
+           (size_t)entries * sizeof(bw_rl_fleet_key);
+}
+
+bw_ratelimit_table *bw_ratelimit_table_init_fleet(void *mem, uint32_t entries)
+{
+    bw_ratelimit_table *t = bw_ratelimit_table_init(mem, entries);
+    t->fleet_off = bw_ratelimit_table_size_bytes(t->entries);
+    _Atomic uint32_t *pending = fleet_pending(t);
+    for (uint32_t i = 0; i < t->entries; i++) {
+        atomic_init(&pending[i], 0);
+        bw_rl_fleet_key *k = fleet_key(t, i);
+        atomic_init(&k->owner, 0);
+        for (int w = 0; w < FLEET_TEXT_WORDS; w++)
+            atomic_init(&k->text[w], 0);
+    }
+    return t;
+}
+
+bool bw_ratelimit_fleet_enabled(const bw_ratelimit_table *t)
+{
+    return t != NULL && t->fleet_off != 0;
+}
+
+uint32_t bw_ratelimit_table_entries(const bw_ratelimit_table *t)
+{
+    return t->entries;
+}
+
+static const char hex_digits[] = "0123456789abcdef";
+
+size_t bw_ratelimit_fleet_key_text(const void *data, size_t len, bool digest,
+                                   char out[BW_RATELIMIT_FLEET_KEY_MAX + 1])
+{
+    const uint8_t *in = data;
+    bool plain = !digest && len > 0 && len <= BW_RATELIMIT_FLEET_KEY_MAX;
+    for (size_t i = 0; plain && i < len; i++)
+        plain = in[i] > 0x20 && in[i] < 0x7f;
+    if (plain) {
+        memcpy(out, in, len);
+        out[len] = '\0';
+        return len;
+    }
+    /* An unkeyed, collision-resistant digest: every instance must derive the same name, and a
+     * client must not be able to make its name collide with another client's. */
+    uint8_t md[32];
+    unsigned int mdlen = 0;
+    if (EVP_Digest(data, len, md, &mdlen, EVP_sha256(), NULL) != 1 || mdlen < 16)
+        memset(md, 0, sizeof(md));
+    out[0] = 'h';
+    out[1] = '-';
+    for (size_t i = 0; i < 16; i++) {
+        out[2 + 2 * i] = hex_digits[md[i] >> 4];
+        out[3 + 2 * i] = hex_digits[md[i] & 15];
+    }
+    out[34] = '\0';
+    return 34;
+}
+
+/* Publishes the slot's fleet name, sequence-lock style (see bw_rl_fleet_key). Two workers
+ * writing the same key's name concurrently write the same bytes. */
+static void fleet_write_key(bw_ratelimit_table *t, bw_rl_slot *s, uint64_t tag, const void *key,
+                            size_t key_len, bool digest)
+{
+    bw_rl_fleet_key *k = fleet_key(t, slot_index(t, s));
+    if (atomic_load_explicit(&k->owner, memory_order_acquire) == tag)
+        return;
+    char text[BW_RATELIMIT_FLEET_KEY_MAX + 1];
+    size_t n = bw_ratelimit_fleet_key_text(key, key_len, digest, text);
+    uint8_t buf[FLEET_TEXT_WORDS * 8];
+    memset(buf, 0, sizeof(buf));
+    buf[0] = (uint8_t)n;
+    memcpy(buf + 1, text, n);
+    atomic_store_explicit(&k->owner, 0, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    for (int w = 0; w < FLEET_TEXT_WORDS; w++) {
+        uint64_t v;
+        memcpy(&v, buf + 8 * w, sizeof(v));
+        atomic_store_explicit(&k->text[w], v, memory_order_relaxed);
+    }
+    /* Publish only if the slot still belongs to this key; otherwise its new owner writes. */
+    if (atomic_load_explicit(&s->tag, memory_order_acquire) == tag)
+        atomic_store_explicit(&k->owner, tag, memory_order_release);
+}
+
+bw_ratelimit_decision bw_ratelimit_take_fleet(bw_ratelimit_table *t, uint32_t policy_id,
+                                              uint64_t key_hash, const void *key, size_t key_len,
+                                              bool digest, const bw_ratelimit_params *p,
+                                              uint64_t now, bw_ratelimit_result *out)
+{
+    bw_rl_slot *slot = NULL;
+    uint64_t tag = 0;
+    bw_ratelimit_decision d = take_slot(t, policy_id, key_hash, p, now, out, &slot, &tag);
+    if (t->fleet_off == 0 || slot == NULL)
+        return d;
+    if (out->allowed)
+        atomic_fetch_add_explicit(&fleet_pending(t)[slot_index(t, slot)], 1,
+                                  memory_order_relaxed);
+    fleet_write_key(t, slot, tag, key, key_len, digest);
+    return d;
+}
+
+bool bw_ratelimit_fleet_read(const bw_ratelimit_table *t, uint32_t idx,
+                             bw_ratelimit_fleet_entry *out)
+{
+    if (t->fleet_off == 0 || idx >= t->entries)
+        return false;
+    bw_ratelimit_table *mt = (bw_ratelimit_table *)t;
+    bw_rl_fleet_key *k = fleet_key(t, idx);
+    uint64_t o1 = atomic_load_explicit(&k->owner, memory_order_acquire);
+    if (o1 == 0)
+        return false;
+    uint8_t buf[FLEET_TEXT_WORDS * 8];
+    for (int w = 0; w < FLEET_TEXT_WORDS; w++) {
+        uint64_t v = atomic_load_explicit(&k->text[w], memory_order_relaxed);
+        memcpy(buf + 8 * w, &v, sizeof(v));
+    }
+    atomic_thread_fence(memory_order_acquire);
+    uint64_t o2 = atomic_load_explicit(&k->owner, memory_order_relaxed);
+    uint64_t tag = atomic_load_explicit(&mt->slots[idx].tag, memory_order_acquire);
+    if (o1 != o2 || o1 != tag || buf[0] == 0 || buf[0] > BW_RATELIMIT_FLEET_KEY_MAX)
+        return false;
+    out->tag = tag;
+    out->policy_id = (uint32_t)((tag >> TAG_POLICY_SHIFT) - 1);
+    memcpy(out->key, buf + 1, buf[0]);
+    out->key[buf[0]] = '\0';
+    out->key_len = buf[0];
+    return true;
+}
+
+uint32_t bw_ratelimit_fleet_pending(const bw_ratelimit_table *t, uint32_t idx)
+{
+    if (t->fleet_off == 0 || idx >= t->entries)
+        return 0;
+    return atomic_load_explicit(&fleet_pending(t)[idx], memory_order_relaxed);
+}
+
+uint32_t bw_ratelimit_fleet_collect(bw_ratelimit_table *t, uint32_t idx, uint64_t tag)
+{
+    if (t->fleet_off == 0 || idx >= t->entries)
+        return 0;
+    if (atomic_load_explicit(&t->slots[idx].tag, memory_order_acquire) != tag)
+        return 0;
+    _Atomic uint32_t *pc = &fleet_pending(t)[idx];
+    uint32_t n = atomic_exchange_explicit(pc, 0, memory_order_acq_rel);
+    if (n != 0 && atomic_load_explicit(&t->slots[idx].tag, memory_order_acquire) != tag) {
+        /* The slot changed hands meanwhile: these tokens are its new key's. Put them back. */
+        atomic_fetch_add_explicit(pc, n, memory_order_relaxed);
+        return 0;
+    }
+    return n;
+}
+
+bool bw_ratelimit_fleet_absorb(bw_ratelimit_table *t, uint32_t idx, uint64_t tag,
+                               const bw_ratelimit_params *p, uint64_t now, uint64_t fleet)
+{
+    if (idx >= t->entries)
+        return false;
+    if (now > NOW_MAX)
+        now = NOW_MAX;
+    bw_rl_slot *s = &t->slots[idx];
+    uint64_t v = atomic_load_explicit(&s->value, memory_order_acquire);
+    for (;;) {
+        if (atomic_load_explicit(&s->tag, memory_order_acquire) != tag)
+            return false;
+        uint64_t nv;
+        if (p->interval_ns != 0) {
+            if (v & COUNT_FLAG)
+                return false; /* left by another refill mode: a reload will reset it */
+            uint64_t ahead = fleet < WINDOW_MAX ? fleet : WINDOW_MAX;
+            uint64_t target = now + ahead;
+            if (v >= target)
+                return true;
+            nv = target;
+        } else {
+            uint64_t sec = now / NS_PER_SEC;
+            if (sec > SEEN_MAX)
+                sec = SEEN_MAX;
+            uint64_t taken = 0, seen = 0;
+            if (v & COUNT_FLAG) {
+                taken = v & COUNT_MASK;
+                seen = (v >> 32) & SEEN_MAX;
+            }
+            uint64_t want = fleet < COUNT_MASK ? fleet : COUNT_MASK;
+            if (taken >= want)
+                return true;
+            nv = COUNT_FLAG | ((seen > sec ? seen : sec) << 32) | want;
+        }
+        if (atomic_compare_exchange_weak_explicit(&s->value, &v, nv, memory_order_acq_rel,
+                                                  memory_order_acquire))
+            return true;
+    }
+}
+
+void bw_ratelimit_fleet_set_share(bw_ratelimit_table *t, uint32_t n)
+{
+    atomic_store_explicit(&t->fleet_share, n, memory_order_relaxed);
+}
+
+uint32_t bw_ratelimit_fleet_share(const bw_ratelimit_table *t)
+{
+    bw_ratelimit_table *mt = (bw_ratelimit_table *)t;
+    return (uint32_t)atomic_load_explicit(&mt->fleet_share, memory_order_relaxed);
+}
+
+uint64_t bw_ratelimit_fleet_lost(const bw_ratelimit_table *t)
+{
+    bw_ratelimit_table *mt = (bw_ratelimit_table *)t;
+    return atomic_load_explicit(&mt->fleet_lost, memory_order_relaxed);
+}
+
+void bw_ratelimit_params_share(const bw_ratelimit_params *in, uint32_t n, bw_ratelimit_params *out)
+{
+    *out = *in;
+    if (n <= 1)
+        return;
+    out->capacity = in->capacity / n > 0 ? in->capacity / n : 1;
+    out->limit = out->capacity;
+    if (in->interval_ns != 0) {
+        uint64_t iv = in->interval_ns;
+        out->interval_ns = iv > WINDOW_MAX / n ? WINDOW_MAX : iv * n;
+        if (out->capacity > WINDOW_MAX / out->interval_ns)
+            out->capacity = (uint32_t)(WINDOW_MAX / out->interval_ns);
+        if (out->capacity == 0)
+            out->capacity = 1;
+        out->window_ns = (uint64_t)out->capacity * out->interval_ns;
+    }
 }

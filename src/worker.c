@@ -15,6 +15,7 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/random.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "breakwater/proxy.h"
@@ -117,6 +118,13 @@ static void parent_check_cb(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     bw_worker *w = arg;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    bw_worker_slot *slot = bw_shm_worker(w->shm, w->worker_slot);
+    if (slot)
+        atomic_store_explicit(&slot->heartbeat_ms,
+                              (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u,
+                              memory_order_relaxed);
     if (getppid() != w->master_pid)
         start_drain(w, "master exited");
 }
@@ -131,6 +139,9 @@ int bw_worker_run(const bw_worker_args *args)
     w.master_pid = args->master_pid;
     w.listen_fds = args->listen_fds;
     w.tls = args->tls;
+    w.shm = args->shm;
+    w.worker_slot = args->worker_slot;
+    w.rl = bw_shm_ratelimit(w.shm);
 
     (void)prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (getppid() != w.master_pid)
@@ -152,7 +163,11 @@ int bw_worker_run(const bw_worker_args *args)
     int rc = 1;
     w.listeners = calloc(w.cfg->n_listeners, sizeof(*w.listeners));
     w.pools = bw_upstream_pools_new(w.base, w.cfg);
-    if (!w.listeners || !w.pools) {
+    w.rl_params = calloc(w.cfg->n_rate_limits ? w.cfg->n_rate_limits : 1, sizeof(*w.rl_params));
+    if (w.rl_params)
+        for (size_t i = 0; i < w.cfg->n_rate_limits; i++)
+            bw_ratelimit_params_from_conf(&w.cfg->rate_limits[i], &w.rl_params[i]);
+    if (!w.listeners || !w.pools || !w.rl_params) {
         bw_log_error(w.log, "out of memory at start");
         goto out;
     }
@@ -193,6 +208,7 @@ out:
         free(w.listeners);
     }
     bw_upstream_pools_free(w.pools, w.cfg->n_upstreams);
+    free(w.rl_params);
     struct event *evs[] = {w.ev_term, w.ev_int, w.ev_usr1, w.ev_hup, w.drain_timer, w.parent_timer};
     for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
         if (evs[i])

@@ -13,6 +13,7 @@
 #include "breakwater/http.h"
 #include "breakwater/log.h"
 #include "breakwater/master.h"
+#include "breakwater/shm.h"
 
 typedef struct bw_admin bw_admin;
 
@@ -20,8 +21,12 @@ typedef struct bw_admin bw_admin;
 typedef void (*bw_admin_status_fn)(void *arg, bw_master_status *out);
 
 /* Starts serving on an already listening socket (the admin takes ownership of fd). */
-bw_admin *bw_admin_new(struct event_base *base, int fd, bw_log *log, bw_admin_status_fn status,
-                       void *status_arg);
+bw_admin *bw_admin_new(struct event_base *base, int fd, bw_log *log, const bw_shm *shm,
+                       bw_admin_status_fn status, void *status_arg);
+
+/* Called after a breaker was reset through POST /upstreams/{name}/reset (fleet-wide reset). */
+typedef void (*bw_admin_reset_fn)(void *arg, const char *upstream);
+void bw_admin_on_reset(bw_admin *a, bw_admin_reset_fn fn, void *arg);
 /* Points the endpoints at a new configuration after a reload. */
 void bw_admin_set_config(bw_admin *a, const bw_config *cfg);
 /* The listening descriptor (-1 when disabled); forked workers close their copy. */

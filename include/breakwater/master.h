@@ -27,6 +27,7 @@ typedef struct bw_master_status {
     uint64_t worker_restarts;
     uint64_t reloads_ok;
     uint64_t reloads_failed;
+    uint64_t redis_pending_deltas;
 } bw_master_status;
 
 #endif

@@ -121,4 +121,75 @@ size_t bw_ratelimit_table_check(const bw_ratelimit_table *t);
 uint32_t bw_ratelimit_table_home(const bw_ratelimit_table *t, uint32_t policy_id,
                                  uint64_t key_hash);
 
+/*
+ * Fleet support (Redis synchronisation, see docs/redis.md). A table made with
+ * bw_ratelimit_table_init_fleet() carries, per slot, a count of tokens taken and not yet
+ * collected by the master, and the key's fleet-wide name: the same text on every instance
+ * (the table's own hashes are seeded per instance). Tables made with bw_ratelimit_table_init()
+ * have none of it, and the functions below then do nothing.
+ */
+
+/* Longest fleet key name; longer or unprintable keys are named "h-" + 32 hex digits of their
+ * SHA-256. */
+#define BW_RATELIMIT_FLEET_KEY_MAX 47
+
+/* Bytes for a table with its fleet area (about 60 more per entry than without). */
+size_t bw_ratelimit_table_size_bytes_fleet(uint32_t entries);
+/* bw_ratelimit_table_init() plus the fleet area; mem must be size_bytes_fleet(entries) long. */
+bw_ratelimit_table *bw_ratelimit_table_init_fleet(void *mem, uint32_t entries);
+bool bw_ratelimit_fleet_enabled(const bw_ratelimit_table *t);
+uint32_t bw_ratelimit_table_entries(const bw_ratelimit_table *t);
+
+/* The fleet name of a key: the bytes themselves when digest is false and they are 1..47
+ * printable ASCII characters (a client address), else "h-" + hex of an unkeyed SHA-256 (header
+ * values). Returns the length written into out (NUL-terminated). */
+size_t bw_ratelimit_fleet_key_text(const void *data, size_t len, bool digest,
+                                   char out[BW_RATELIMIT_FLEET_KEY_MAX + 1]);
+
+/*
+ * bw_ratelimit_take() for workers of an instance in a fleet: the same decision, plus, when a
+ * token is taken, one relaxed increment of the slot's pending count, and the key's fleet name
+ * (from key/key_len/digest, as bw_ratelimit_fleet_key_text) written when the slot was just
+ * claimed. On a table without fleet area it is exactly bw_ratelimit_take().
+ */
+bw_ratelimit_decision bw_ratelimit_take_fleet(bw_ratelimit_table *t, uint32_t policy_id,
+                                              uint64_t key_hash, const void *key, size_t key_len,
+                                              bool digest, const bw_ratelimit_params *p,
+                                              uint64_t now, bw_ratelimit_result *out);
+
+/* A slot's owner as the master sees it. */
+typedef struct bw_ratelimit_fleet_entry {
+    uint64_t tag;       /* identifies the (policy, key) owning the slot now */
+    uint32_t policy_id; /* the policy's shm slot */
+    size_t key_len;
+    char key[BW_RATELIMIT_FLEET_KEY_MAX + 1];
+} bw_ratelimit_fleet_entry;
+
+/* Master: the owner of slot idx, when the slot is in use and its name is complete. */
+bool bw_ratelimit_fleet_read(const bw_ratelimit_table *t, uint32_t idx,
+                             bw_ratelimit_fleet_entry *out);
+/* Master: tokens taken in slot idx not yet collected (a cheap relaxed load, for the scan). */
+uint32_t bw_ratelimit_fleet_pending(const bw_ratelimit_table *t, uint32_t idx);
+/* Master: takes the pending count of slot idx if the slot still belongs to tag, leaving 0.
+ * What it returns is the caller's to deliver; nothing else will ever count it again. */
+uint32_t bw_ratelimit_fleet_collect(bw_ratelimit_table *t, uint32_t idx, uint64_t tag);
+/*
+ * Master: brings slot idx (if still owned by tag) up to the fleet's consumption. For refilling
+ * policies fleet is how far ahead of now the fleet's theoretical arrival time is (ns): the
+ * bucket's TAT becomes at least now + fleet. For policies that never refill it is the fleet's
+ * count of tokens taken: the local count becomes at least that. Never gives tokens back.
+ * Returns false when the slot changed hands.
+ */
+bool bw_ratelimit_fleet_absorb(bw_ratelimit_table *t, uint32_t idx, uint64_t tag,
+                               const bw_ratelimit_params *p, uint64_t now, uint64_t fleet);
+
+/* Degraded sharing while Redis is unreachable: the master publishes the number of instances to
+ * share each key with (0 or 1: no sharing); workers then decide with bw_ratelimit_params_share. */
+void bw_ratelimit_fleet_set_share(bw_ratelimit_table *t, uint32_t n);
+uint32_t bw_ratelimit_fleet_share(const bw_ratelimit_table *t);
+/* A policy's share for one of n instances: capacity / n (at least 1) refilled n times slower. */
+void bw_ratelimit_params_share(const bw_ratelimit_params *in, uint32_t n, bw_ratelimit_params *out);
+/* Tokens that were pending on busy keys forced out of a full table (never sent to the fleet). */
+uint64_t bw_ratelimit_fleet_lost(const bw_ratelimit_table *t);
+
 #endif

@@ -149,6 +149,14 @@ bw_shm_named *bw_shm_listener_at(const bw_shm *shm, int listener_slot);
 bw_worker_slot *bw_shm_worker(const bw_shm *shm, int worker_slot);
 bw_ratelimit_table *bw_shm_ratelimit(const bw_shm *shm);
 
+/* Counter cells of one worker slot, for the scrape (NULL when a slot is out of range). The
+ * requests row holds BW_METRICS_CODES cells, index status - 100; route_slot -1 = no route. */
+_Atomic uint64_t *bw_shm_requests_row(const bw_shm *shm, int worker_slot, int route_slot);
+bw_upstream_counters *bw_shm_upstream_counters(const bw_shm *shm, int worker_slot,
+                                               int upstream_slot);
+_Atomic uint64_t *bw_shm_rate_limited_cell(const bw_shm *shm, int worker_slot, int policy_slot);
+_Atomic int64_t *bw_shm_connections_cell(const bw_shm *shm, int worker_slot, int listener_slot);
+
 /* Hot-path counter updates (relaxed atomics), used by workers. route_slot -1 = no route;
  * a status outside 100..599 is not counted. */
 void bw_metrics_count_request(const bw_shm *shm, int worker_slot, int route_slot, int status);

@@ -17,6 +17,8 @@
 
 #include "breakwater/config.h"
 #include "breakwater/log.h"
+#include "breakwater/ratelimit.h"
+#include "breakwater/shm.h"
 #include "breakwater/upstream.h"
 
 struct bw_session;
@@ -32,6 +34,10 @@ typedef struct bw_worker {
     struct evconnlistener **listeners;
     bool listeners_paused; /* max_connections reached */
     bw_upstream_pool *pools;
+    const bw_shm *shm;
+    int worker_slot;                /* this process's counters in the shared region */
+    bw_ratelimit_table *rl;         /* the shared rate-limit table */
+    bw_ratelimit_params *rl_params; /* per configured policy, computed once at start */
     struct bw_session *sessions; /* every open client connection */
     size_t n_sessions;
     bool draining;
@@ -47,6 +53,8 @@ typedef struct bw_worker_args {
     pid_t master_pid;
     const int *listen_fds;
     SSL_CTX *const *tls;
+    const bw_shm *shm;
+    int worker_slot;
 } bw_worker_args;
 
 /* Runs the worker until it has drained; returns the process exit status. */

@@ -446,7 +446,8 @@ def _read_response(reader, deadline, method="GET", skip_interim=True, sink=None)
         if codings and codings[-1] == "chunked":
             resp.framing = "chunked"
             body, n, trailers, complete = _read_chunked(reader, deadline, sink)
-            resp.body, resp.body_len, resp.trailers, resp.complete = body or b"", n, trailers, complete
+            resp.body, resp.body_len = body or b"", n
+            resp.trailers, resp.complete = trailers, complete
         else:
             resp.framing = "close"
             body, n = reader.read_to_eof(deadline, sink)
@@ -631,7 +632,7 @@ class Request:
 
 
 class UpstreamConn:
-    """The socket-like object a handler gets: sendall/send/recv/close plus helpers. recv first
+    """The socket-like object a handler gets: sendall/send/recv/close plus body readers. recv first
     returns bytes the harness had already buffered past the head. Set keep_alive=False to make
     the harness close after the handler returns."""
 
@@ -1480,3 +1481,198 @@ class PatternChecker:
     @property
     def ok(self):
         return self.bad_offset is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Which worker serves a connection (breakers, rate limits and metrics live in shared memory;
+# tests prove it by spreading requests over known workers)
+
+def _hex_endpoint(port):
+    """The /proc/net/tcp spelling of 127.0.0.1:port."""
+    return "0100007F:%04X" % port
+
+
+def _server_side_inode(listen_port, client_port):
+    """Inode of the proxy's accepted socket for a client connection, or None."""
+    local, remote = _hex_endpoint(listen_port), _hex_endpoint(client_port)
+    try:
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        f = line.split()
+        if len(f) > 9 and f[1] == local and f[2] == remote:
+            return f[9]
+    return None
+
+
+def _pids_holding(inode, pids):
+    target = "socket:[%s]" % inode
+    owners = []
+    for pid in pids:
+        try:
+            fds = os.listdir("/proc/%d/fd" % pid)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink("/proc/%d/fd/%s" % (pid, fd)) == target:
+                    owners.append(pid)
+                    break
+            except OSError:
+                continue
+    return owners
+
+
+def connection_owner(bw, client, listener=0, timeout=5.0):
+    """PID of the worker that accepted this Client's connection (polls until one has it)."""
+    lport = bw.listener_port(listener)
+    cport = client.sock.getsockname()[1]
+
+    def owner():
+        inode = _server_side_inode(lport, cport)
+        if inode is None or inode == "0":
+            return None
+        owners = _pids_holding(inode, bw.worker_pids())
+        return owners[0] if len(owners) == 1 else None
+    return wait_until(owner, timeout * SLOW, interval=0.005,
+                      message="a worker to accept the connection from port %d" % cport)
+
+
+def spread_connections(bw, per_worker, workers=2, listener=0, max_attempts=400, timeout=10.0):
+    """Opens client connections until each of `workers` worker processes has accepted at least
+    `per_worker` of them (connections beyond that are closed). Returns {pid: [Client, ...]}.
+    Requests sent on these connections are known to be served by that worker."""
+    groups = {}
+    extra = []
+    end = deadline_after(timeout * SLOW)
+    try:
+        for _ in range(max_attempts):
+            if (len(groups) >= workers
+                    and all(len(v) >= per_worker for v in groups.values())):
+                break
+            if time.monotonic() >= end:
+                break
+            c = Client(bw.listener_port(listener))
+            try:
+                pid = connection_owner(bw, c, listener)
+            except AssertionError:
+                c.close()
+                continue
+            lst = groups.setdefault(pid, [])
+            if len(lst) < per_worker:
+                lst.append(c)
+            else:
+                extra.append(c)
+    finally:
+        for c in extra:
+            c.close()
+    if len(groups) < workers or any(len(v) < per_worker for v in groups.values()):
+        for v in groups.values():
+            for c in v:
+                c.close()
+        raise HarnessError("could not get %d connection(s) on each of %d workers (got %s)"
+                           % (per_worker, workers, {p: len(v) for p, v in groups.items()}))
+    return groups
+
+
+def interleave(groups):
+    """[a1, b1, a2, b2, ...] from {pid: [a1, a2], pid2: [b1, b2]}: alternates workers."""
+    lists = [list(v) for _, v in sorted(groups.items())]
+    out = []
+    for i in range(max(len(v) for v in lists)):
+        for v in lists:
+            if i < len(v):
+                out.append(v[i])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Admin listener and metrics
+
+def admin_request(bw, method="GET", path="/", token=None, headers=None, port=None, timeout=10.0):
+    """One request on a fresh admin connection; returns the Response."""
+    hs = list(headers or [])
+    if token is not None:
+        hs.append(("Authorization", "Bearer %s" % token))
+    hs.append(("Connection", "close"))
+    with Client(port or bw.admin_port, timeout=timeout) as c:
+        c.send(build_request(method, path, hs, host="localhost"))
+        return c.read_response(method)
+
+
+def admin_json(bw, path, token=None, expect=200):
+    r = admin_request(bw, "GET", path, token=token)
+    assert r.status == expect, (path, r)
+    return r.json()
+
+
+def upstream_state(bw, name, token=None):
+    """The element of GET /upstreams for this upstream."""
+    doc = admin_json(bw, "/upstreams", token=token)
+    for u in doc["upstreams"]:
+        if u["name"] == name:
+            return u
+    raise AssertionError("upstream %r not in /upstreams: %r" % (name, doc))
+
+
+def breaker_state(bw, name, token=None):
+    return upstream_state(bw, name, token)["circuit_breaker"]["state"]
+
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)(\s+-?\d+)?$')
+_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"\s*(,|$)')
+
+
+def parse_metrics(text):
+    """Samples of a Prometheus text exposition: [(name, {label: value}, float)]."""
+    samples = []
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if not m:
+            raise AssertionError("unparsable metrics line: %r" % line)
+        labels = {}
+        rest = m.group(3) or ""
+        pos = 0
+        while pos < len(rest):
+            lm = _LABEL.match(rest, pos)
+            if not lm:
+                raise AssertionError("unparsable labels in line: %r" % line)
+            labels[lm.group(1)] = re.sub(r'\\(.)', lambda x: {"n": "\n"}.get(x.group(1),
+                                                                        x.group(1)), lm.group(2))
+            pos = lm.end()
+        samples.append((m.group(1), labels, float(m.group(4))))
+    return samples
+
+
+def scrape(bw, token=None):
+    r = admin_request(bw, "GET", "/metrics", token=token)
+    assert r.status == 200, r
+    return parse_metrics(r.body.decode("utf-8"))
+
+
+def metric_sum(samples, name, **labels):
+    """Sum of the samples of `name` whose labels include these; None when there is none."""
+    values = [v for n, ls, v in samples
+              if n == name and all(ls.get(k) == str(want) for k, want in labels.items())]
+    return sum(values) if values else None
+
+
+def wait_metric(bw, name, expected, timeout=5.0, token=None, **labels):
+    """Polls /metrics until the sum of `name` with these labels equals `expected` (a request's
+    counters may be updated just after its response went out); returns the samples. Fails with
+    the last value seen."""
+    seen = []
+
+    def check():
+        samples = scrape(bw, token)
+        seen[:] = [metric_sum(samples, name, **labels)]
+        return samples if seen[0] == expected else None
+    try:
+        return wait_until(check, timeout * SLOW, interval=0.05,
+                          message="%s%s == %s" % (name, labels or "", expected))
+    except AssertionError:
+        raise AssertionError("%s%s is %s, expected %s" % (name, labels or "", seen[0] if seen
+                                                         else None, expected))

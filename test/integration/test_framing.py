@@ -47,7 +47,8 @@ CASES = [
     ("cl-underscore", _post("Content_Length: 5\r\n"), 400),
     # Transfer-Encoding
     ("cl-and-te", _post("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", CHUNKED_HELLO), 400),
-    ("te-and-cl", _post("Transfer-Encoding: chunked\r\nContent-Length: 19\r\n", CHUNKED_HELLO), 400),
+    ("te-and-cl", _post("Transfer-Encoding: chunked\r\nContent-Length: 19\r\n",
+                        CHUNKED_HELLO), 400),
     ("te-gzip-chunked", _post("Transfer-Encoding: gzip, chunked\r\n", CHUNKED_HELLO), 400),
     ("te-chunked-chunked", _post("Transfer-Encoding: chunked, chunked\r\n", CHUNKED_HELLO), 400),
     ("te-two-headers", _post("Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",

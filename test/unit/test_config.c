@@ -563,12 +563,12 @@ static void test_breaker_rules(void **state)
     (void)state;
     expect_errors(
         "{" LISTEN ", \"upstreams\": {\"api\": {\"servers\": [\"127.0.0.1:1\"],"
-        " \"circuit_breaker\": {\"failure_threshold\": 0, \"failure_rate_percent\": 101,"
+        " \"circuit_breaker\": {\"failure_threshold\": -1, \"failure_rate_percent\": 101,"
         " \"half_open_success_threshold\": 0, \"half_open_max_requests\": 0, \"window_ms\": 0,"
         " \"min_requests\": 0, \"slow_call_ms\": -1, \"failure_statuses\": [502, 99, 600, "
         "\"503\"]}}}," ROUTES "}",
         10,
-        (const char *[]){"circuit_breaker.failure_threshold: must be an integer between 1",
+        (const char *[]){"circuit_breaker.failure_threshold: must be an integer between 0",
                          "circuit_breaker.failure_rate_percent: must be an integer between 0 and "
                          "100, got 101",
                          "circuit_breaker.half_open_success_threshold: must be an integer",

@@ -1,0 +1,1453 @@
+/*
+ * Fleet state through Redis, in the master's event loop (hiredis 0.14 async + libevent adapter).
+ *
+ * Connection. One redisAsyncContext is one connection: it is created by connect_now(), goes
+ * through a handshake (AUTH, SELECT, SCRIPT LOAD of both scripts, pipelined), and is given up
+ * by drop_connection() on any failure, after which a backoff timer makes a new one. hiredis
+ * frees a context itself after a failed connect callback and after the disconnect callback, so
+ * those callbacks only forget it; a context is freed by us only from a timer or event callback
+ * of ours, never from inside a hiredis callback (drop_later() defers to an event for that).
+ * There is one command timer: whenever commands are out, the oldest must be answered within
+ * command_timeout_ms, or the connection is dropped (which answers every callback with NULL).
+ *
+ * Rounds. Every sync_interval_ms one pipelined round is sent, and the next one only when every
+ * reply of the previous one is in, so at most one round is ever in flight and a slow Redis
+ * slows the rounds down instead of piling commands up. A round is: the heartbeat, one command
+ * per upstream (the conditional-write script when the breaker changed here, HGETALL otherwise),
+ * and one script call per rate-limit key with tokens not yet acknowledged.
+ *
+ * Rate limits. Each (policy, key) has one Redis hash holding the fleet's GCRA state ("tat", the
+ * fleet's theoretical arrival time in microseconds of Redis' clock, or "taken" for buckets that
+ * never refill) and one field per instance recording the cumulative number of tokens that
+ * instance has delivered. A flush sends the absolute cumulative number, so sending it again
+ * after a lost reply changes nothing; the script adds only the growth to the fleet state and
+ * answers how far ahead of Redis' now the fleet's TAT is, which the master then imposes on the
+ * local bucket (never giving tokens back). Tokens collected from shared memory live in the
+ * master's record of the slot until Redis acknowledges them, across any number of failures.
+ *
+ * Breakers. Last writer wins by (updated_at_ms, updated_by). A local transition is written by
+ * a script that writes only when it is newer than the stored record and returns the record; a
+ * record newer than what this instance last wrote or applied is forced onto the local breaker;
+ * a record that disappeared (redis-cli DEL) resets the local breaker.
+ */
+#include "breakwater/redis_sync.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <event2/event.h>
+#include <hiredis/adapters/libevent.h>
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "breakwater/breaker.h"
+#include "breakwater/ratelimit.h"
+
+#define ID_MAX 96
+/* Instances whose heartbeat is older than this many sync intervals (at least STALE_MIN_MS) are
+ * no longer counted as live. */
+#define STALE_INTERVALS 10
+#define STALE_MIN_MS 3000
+/* A rate-limit hash outlives the moment its bucket is full again by this long, so that an
+ * instance retrying a flush still finds its own field and is not counted twice. */
+#define RL_LINGER_MS 60000
+/* An error of one kind is logged at most once per this many ms; the rest are counted. */
+#define LOG_EVERY_MS 10000
+/* Rate-limit records whose slot was taken by another key while they still had tokens to
+ * deliver; beyond this many, the oldest are given up (and counted as errors). */
+#define ORPHANS_MAX 1024
+/* A key used here keeps being refreshed from the fleet (a flush of nothing new) for this many
+ * sync intervals after its last local token, at least PULL_MIN_MS: the fleet's consumption
+ * reaches a bucket even in rounds where this instance took nothing for the key. */
+#define PULL_INTERVALS 20
+#define PULL_MIN_MS 2000
+
+typedef enum err_kind {
+    ERR_CONNECT = 0,
+    ERR_AUTH,
+    ERR_TIMEOUT,
+    ERR_REPLY,    /* an error reply or a reply of the wrong shape */
+    ERR_OVERLOAD, /* a round skipped for the in-flight bound */
+    ERR_KINDS
+} err_kind;
+
+static const char *const err_names[ERR_KINDS] = {"connect", "auth", "timeout", "reply",
+                                                 "overload"};
+
+typedef enum conn_state {
+    CONN_IDLE = 0,   /* no context; a reconnect may be scheduled */
+    CONN_CONNECTING, /* TCP/unix connect in progress */
+    CONN_HANDSHAKE,  /* AUTH / SELECT / SCRIPT LOAD out */
+    CONN_READY,
+} conn_state;
+
+typedef enum cmd_kind {
+    CMD_HANDSHAKE = 0,
+    CMD_SCRIPT_RL,
+    CMD_SCRIPT_BR,
+    CMD_BREAKER, /* conditional write or HGETALL: both answer the record */
+    CMD_DEL,
+    CMD_HEARTBEAT,
+    CMD_LIVE,
+    CMD_RL,
+} cmd_kind;
+
+/* What this instance knows about one upstream's fleet record (indexed by the shm slot). */
+typedef struct br_rec {
+    char name[BW_SHM_NAME_MAX];
+    bool used;
+    uint32_t gen;        /* breaker generation last written, applied or adopted */
+    bool dirty;          /* a local transition not yet settled with Redis */
+    uint64_t local_at;   /* wall ms stamp of that transition */
+    bool known;          /* the record existed the last time it was read */
+    bool pending_del;    /* an operator reset whose DEL has not been acknowledged */
+    uint64_t applied_at; /* stamp of the newest record written or applied */
+    char applied_by[ID_MAX];
+} br_rec;
+
+/* What this instance has collected and delivered for one rate-limit slot's key. */
+typedef struct rl_rec {
+    uint64_t tag; /* the slot owner this record is for; 0 = none */
+    uint64_t inc; /* incarnation: a fresh record never reuses a field value of an older one */
+    uint64_t cum; /* tokens collected from shared memory, in total */
+    uint64_t acked;
+    uint64_t active_ms; /* monotonic ms of the last tokens collected here */
+    uint32_t policy_id;
+    char policy[BW_SHM_NAME_MAX];
+    char key[BW_RATELIMIT_FLEET_KEY_MAX + 1];
+} rl_rec;
+
+typedef struct policy_ent {
+    bool used;
+    char name[BW_SHM_NAME_MAX];
+    bw_ratelimit_params params;
+} policy_ent;
+
+typedef struct cmd {
+    struct bw_redis_sync *r;
+    cmd_kind kind;
+    uint32_t idx;
+    bool orphan;
+    uint64_t inc, cum, local_at;
+} cmd;
+
+struct bw_redis_sync {
+    struct event_base *base;
+    const bw_shm *shm;
+    const bw_config *cfg;
+    bw_log *log;
+    char id[ID_MAX];
+
+    bool enabled;
+    bool share_when_down;
+    char *url;
+    char *prefix;
+    uint32_t interval_ms, connect_timeout_ms, command_timeout_ms;
+    bw_redis_target target;
+    bool target_ok;
+
+    redisAsyncContext *ctx;
+    conn_state state;
+    bool closing; /* a drop is scheduled: send nothing more on this context */
+    struct event *tick, *timeout, *retry, *drop_ev;
+    unsigned attempt;
+    uint32_t in_flight;
+    bool round_active, round_failed, handshake_failed;
+    bool scripts_needed;
+    char sha_rl[41], sha_br[41];
+
+    br_rec *br;
+    uint32_t n_br;
+    policy_ent *pol;
+    uint32_t n_pol;
+    rl_rec *rl;
+    uint32_t n_rl, cursor;
+    rl_rec orphans[ORPHANS_MAX];
+    uint64_t next_inc;
+
+    bool up;
+    uint64_t errors, rounds, skipped, connects, last_sync_wall_ms, pending;
+    uint32_t live;
+    uint64_t last_log_ms[ERR_KINDS], suppressed[ERR_KINDS];
+};
+
+/* The rate-limit flush. ARGV: instance, incarnation, cumulative, acknowledged base, emission
+ * interval in us (0: never refills), largest allowed lead in us, linger in ms. */
+static const char rl_script[] =
+    "if redis.replicate_commands then redis.replicate_commands() end\n"
+    "local key, me, inc = KEYS[1], ARGV[1], ARGV[2]\n"
+    "local cum, prev = tonumber(ARGV[3]), tonumber(ARGV[4])\n"
+    "local interval, cap, linger = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])\n"
+    "local mine = redis.call('HGET', key, me)\n"
+    "if mine then\n"
+    "  local i, c = string.match(mine, '^(%d+):(%d+)$')\n"
+    "  if i == inc then prev = tonumber(c) end\n"
+    "end\n"
+    "local delta = cum - prev\n"
+    "local t = redis.call('TIME')\n"
+    "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
+    "local result, ttl\n"
+    "if interval > 0 then\n"
+    "  local tat = tonumber(redis.call('HGET', key, 'tat')) or 0\n"
+    "  if tat < now then tat = now end\n"
+    "  if delta > 0 then\n"
+    "    tat = tat + delta * interval\n"
+    "    if tat > now + cap then tat = now + cap end\n"
+    "    redis.call('HSET', key, 'tat', string.format('%.0f', tat))\n"
+    "  end\n"
+    "  result = tat - now\n"
+    "  ttl = math.ceil(result / 1000) + linger\n"
+    "else\n"
+    "  local n = tonumber(redis.call('HGET', key, 'taken')) or 0\n"
+    "  if delta > 0 then\n"
+    "    n = n + delta\n"
+    "    redis.call('HSET', key, 'taken', string.format('%.0f', n))\n"
+    "  end\n"
+    "  result = n\n"
+    "  ttl = linger\n"
+    "end\n"
+    "if delta > 0 then redis.call('HSET', key, me, inc .. ':' .. ARGV[3]) end\n"
+    "if redis.call('EXISTS', key) == 1 then redis.call('PEXPIRE', key, ttl) end\n"
+    "return math.floor(result)\n";
+
+/* The breaker write: only when newer than the stored record (by updated_at_ms, then
+ * updated_by), announced on the events channel; answers the record as it now stands.
+ * ARGV: state, failures, opened_at_ms, updated_by, updated_at_ms, channel, upstream. */
+static const char br_script[] =
+    "local cur = redis.call('HMGET', KEYS[1], 'updated_at_ms', 'updated_by')\n"
+    "local at, cat = tonumber(ARGV[5]), tonumber(cur[1])\n"
+    "local cby = cur[2] or ''\n"
+    "if cat == nil or at > cat or (at == cat and ARGV[4] > cby) then\n"
+    "  redis.call('HSET', KEYS[1], 'state', ARGV[1], 'failures', ARGV[2], 'opened_at_ms',\n"
+    "             ARGV[3], 'updated_by', ARGV[4], 'updated_at_ms', ARGV[5])\n"
+    "  redis.call('PUBLISH', ARGV[6], ARGV[7] .. ' ' .. ARGV[1] .. ' ' .. ARGV[4])\n"
+    "end\n"
+    "return redis.call('HGETALL', KEYS[1])\n";
+
+static uint64_t clock_ms(clockid_t id)
+{
+    struct timespec ts;
+    clock_gettime(id, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static uint64_t mono_ms(void)
+{
+    return clock_ms(CLOCK_MONOTONIC);
+}
+
+static uint64_t wall_ms(void)
+{
+    return clock_ms(CLOCK_REALTIME);
+}
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * UINT64_C(1000000000) + (uint64_t)ts.tv_nsec;
+}
+
+static uint32_t random_u32(void)
+{
+    uint32_t v = 0;
+    if (getrandom(&v, sizeof(v), GRND_NONBLOCK) != (ssize_t)sizeof(v))
+        v = (uint32_t)mono_ns() ^ (uint32_t)getpid();
+    return v;
+}
+
+static void copy_str(char *dst, size_t len, const char *src)
+{
+    snprintf(dst, len, "%s", src != NULL ? src : "");
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* URL                                                                                       */
+
+static int hexval(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* Decodes %XX escapes of src[0..len) into dst (NUL-terminated). -1 when malformed or long. */
+static int percent_decode(const char *src, size_t len, char *dst, size_t cap)
+{
+    size_t o = 0;
+    for (size_t i = 0; i < len; i++) {
+        char c = src[i];
+        if (c == '%') {
+            if (i + 2 >= len)
+                return -1;
+            int h = hexval(src[i + 1]), l = hexval(src[i + 2]);
+            if (h < 0 || l < 0)
+                return -1;
+            c = (char)(h * 16 + l);
+            i += 2;
+        }
+        if (o + 1 >= cap)
+            return -1;
+        dst[o++] = c;
+    }
+    dst[o] = '\0';
+    return 0;
+}
+
+static int parse_uint(const char *s, size_t len, long max, long *out)
+{
+    if (len == 0 || len > 9)
+        return -1;
+    long v = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return -1;
+        v = v * 10 + (s[i] - '0');
+    }
+    if (v > max)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+int bw_redis_url_parse(const char *url, bw_redis_target *out, char *err, size_t errlen)
+{
+    memset(out, 0, sizeof(*out));
+    out->port = 6379;
+    if (url == NULL) {
+        snprintf(err, errlen, "no URL");
+        return -1;
+    }
+    if (strncmp(url, "unix://", 7) == 0) {
+        const char *path = url + 7;
+        if (path[0] != '/' || strlen(path) >= sizeof(out->path)) {
+            snprintf(err, errlen, "unix:// needs an absolute socket path shorter than %zu bytes",
+                     sizeof(out->path));
+            return -1;
+        }
+        out->unix_socket = true;
+        copy_str(out->path, sizeof(out->path), path);
+        return 0;
+    }
+    if (strncmp(url, "redis://", 8) != 0) {
+        snprintf(err, errlen, "must start with redis:// or unix://");
+        return -1;
+    }
+    const char *p = url + 8;
+    const char *at = strrchr(p, '@');
+    if (at != NULL) {
+        /* Only the password form (":password@"); Redis 5 ACL users are not supported. */
+        if (p[0] != ':') {
+            snprintf(err, errlen, "credentials must be written :password@");
+            return -1;
+        }
+        if (percent_decode(p + 1, (size_t)(at - p - 1), out->password, sizeof(out->password)) <
+            0) {
+            snprintf(err, errlen, "the password is malformed or too long");
+            return -1;
+        }
+        p = at + 1;
+    }
+    const char *slash = strchr(p, '/');
+    const char *hostend = slash != NULL ? slash : p + strlen(p);
+    const char *portsep = NULL;
+    const char *h = p, *he;
+    if (*p == '[') {
+        const char *rb = memchr(p, ']', (size_t)(hostend - p));
+        if (rb == NULL) {
+            snprintf(err, errlen, "unterminated [IPv6] address");
+            return -1;
+        }
+        h = p + 1;
+        he = rb;
+        if (rb + 1 < hostend) {
+            if (rb[1] != ':') {
+                snprintf(err, errlen, "unexpected text after ]");
+                return -1;
+            }
+            portsep = rb + 1;
+        }
+    } else {
+        portsep = memchr(p, ':', (size_t)(hostend - p));
+        he = portsep != NULL ? portsep : hostend;
+    }
+    size_t hl = (size_t)(he - h);
+    if (hl == 0 || hl >= sizeof(out->host)) {
+        snprintf(err, errlen, "missing or too long host");
+        return -1;
+    }
+    memcpy(out->host, h, hl);
+    out->host[hl] = '\0';
+    if (strcmp(out->host, "localhost") == 0)
+        copy_str(out->host, sizeof(out->host), "127.0.0.1");
+    unsigned char buf[16];
+    if (inet_pton(AF_INET, out->host, buf) != 1 && inet_pton(AF_INET6, out->host, buf) != 1) {
+        snprintf(err, errlen, "host must be an IP address or localhost (no DNS lookups)");
+        return -1;
+    }
+    if (portsep != NULL) {
+        long port;
+        if (parse_uint(portsep + 1, (size_t)(hostend - portsep - 1), 65535, &port) < 0 ||
+            port == 0) {
+            snprintf(err, errlen, "invalid port");
+            return -1;
+        }
+        out->port = (int)port;
+    }
+    if (slash != NULL && slash[1] != '\0') {
+        long db;
+        if (parse_uint(slash + 1, strlen(slash + 1), 1000000, &db) < 0) {
+            snprintf(err, errlen, "invalid database number");
+            return -1;
+        }
+        out->db = (int)db;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Health, errors, logging                                                                   */
+
+static bw_ratelimit_table *rl_table(const bw_redis_sync *r)
+{
+    if (r->shm == NULL || r->shm->hdr == NULL || r->shm->hdr->rl_entries == 0)
+        return NULL;
+    bw_ratelimit_table *t = bw_shm_ratelimit(r->shm);
+    return bw_ratelimit_fleet_enabled(t) ? t : NULL;
+}
+
+static void publish(bw_redis_sync *r)
+{
+    bw_shm_status *st = &r->shm->hdr->status;
+    atomic_store_explicit(&st->redis_configured, r->enabled ? 1u : 0u, memory_order_relaxed);
+    atomic_store_explicit(&st->redis_required, r->enabled && r->cfg->redis.required ? 1u : 0u,
+                          memory_order_relaxed);
+    atomic_store_explicit(&st->redis_up, r->up ? 1u : 0u, memory_order_relaxed);
+    atomic_store_explicit(&st->redis_last_sync_ms, r->last_sync_wall_ms, memory_order_relaxed);
+    atomic_store_explicit(&st->redis_errors, r->errors, memory_order_relaxed);
+    bw_ratelimit_table *t = rl_table(r);
+    if (t != NULL) {
+        uint32_t share = 0;
+        if (r->enabled && !r->up && r->share_when_down && r->live > 1)
+            share = r->live;
+        bw_ratelimit_fleet_set_share(t, share);
+    }
+}
+
+static void set_up(bw_redis_sync *r, bool up)
+{
+    if (r->up != up) {
+        r->up = up;
+        publish(r);
+    }
+}
+
+/* Counts an error and logs it unless one of the same kind was logged in the last
+ * LOG_EVERY_MS; the next line then says how many were not. */
+__attribute__((format(printf, 3, 4))) static void fail(bw_redis_sync *r, err_kind kind,
+                                                       const char *fmt, ...)
+{
+    r->errors++;
+    atomic_store_explicit(&r->shm->hdr->status.redis_errors, r->errors, memory_order_relaxed);
+    uint64_t now = mono_ms();
+    if (r->last_log_ms[kind] != 0 && now - r->last_log_ms[kind] < LOG_EVERY_MS) {
+        r->suppressed[kind]++;
+        return;
+    }
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    if (r->suppressed[kind] > 0)
+        bw_log_warn(r->log, "redis: %s (%" PRIu64 " more %s errors since the last report)", msg,
+                    r->suppressed[kind], err_names[kind]);
+    else
+        bw_log_warn(r->log, "redis: %s", msg);
+    r->last_log_ms[kind] = now;
+    r->suppressed[kind] = 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Connection                                                                                */
+
+static void connect_now(bw_redis_sync *r);
+static void on_reply(redisAsyncContext *ac, void *reply, void *privdata);
+
+static void schedule_reconnect(bw_redis_sync *r)
+{
+    if (!r->enabled || evtimer_pending(r->retry, NULL))
+        return;
+    unsigned shift = r->attempt < 16 ? r->attempt : 16;
+    uint64_t delay = (uint64_t)BW_REDIS_BACKOFF_MIN_MS << shift;
+    if (delay > BW_REDIS_BACKOFF_MAX_MS)
+        delay = BW_REDIS_BACKOFF_MAX_MS;
+    /* Jitter: somewhere in [delay/2, delay], so a fleet does not reconnect in lockstep. */
+    delay = delay / 2 + random_u32() % (delay / 2 + 1);
+    r->attempt++;
+    struct timeval tv = {(time_t)(delay / 1000), (suseconds_t)((delay % 1000) * 1000)};
+    evtimer_add(r->retry, &tv);
+}
+
+static void arm_timeout(bw_redis_sync *r, uint32_t ms)
+{
+    struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)((ms % 1000) * 1000)};
+    evtimer_add(r->timeout, &tv);
+}
+
+/* Gives the connection up now. Called only from our own timer/event callbacks (or the public
+ * API), never from inside a hiredis callback: redisAsyncFree() answers every outstanding
+ * callback with a NULL reply and then forgets the context. */
+static void drop_connection(bw_redis_sync *r)
+{
+    redisAsyncContext *ac = r->ctx;
+    r->ctx = NULL;
+    r->state = CONN_IDLE;
+    r->closing = false;
+    evtimer_del(r->timeout);
+    set_up(r, false);
+    if (ac != NULL)
+        redisAsyncFree(ac);
+    r->round_active = false;
+    r->in_flight = 0;
+    schedule_reconnect(r);
+}
+
+/* From inside hiredis callbacks: stop using the context now, free it from the event loop. */
+static void drop_later(bw_redis_sync *r)
+{
+    if (r->ctx == NULL || r->closing)
+        return;
+    r->closing = true;
+    set_up(r, false);
+    event_active(r->drop_ev, 0, 0);
+}
+
+static void on_drop_event(evutil_socket_t fd, short what, void *arg)
+{
+    bw_redis_sync *r = arg;
+    if (r->closing)
+        drop_connection(r);
+}
+
+static void on_retry(evutil_socket_t fd, short what, void *arg)
+{
+    connect_now(arg);
+}
+
+static void on_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    bw_redis_sync *r = arg;
+    if (r->state == CONN_CONNECTING) {
+        fail(r, ERR_TIMEOUT, "connect timed out after %" PRIu32 " ms", r->connect_timeout_ms);
+        drop_connection(r);
+    } else if (r->in_flight > 0) {
+        fail(r, ERR_TIMEOUT, "no reply within %" PRIu32 " ms; reconnecting",
+             r->command_timeout_ms);
+        drop_connection(r);
+    }
+}
+
+/* hiredis: the connect finished. On failure hiredis frees the context right after this
+ * returns, so it is only forgotten here. */
+static void on_connect(const redisAsyncContext *ac, int status);
+/* hiredis: the connection is gone and the context is about to be freed by hiredis. */
+static void on_disconnect(const redisAsyncContext *ac, int status)
+{
+    bw_redis_sync *r = ac->data;
+    if (r == NULL || r->ctx != ac)
+        return; /* we dropped it ourselves */
+    r->ctx = NULL;
+    r->state = CONN_IDLE;
+    r->closing = false;
+    evtimer_del(r->timeout);
+    r->round_active = false;
+    r->in_flight = 0;
+    set_up(r, false);
+    if (status != REDIS_OK)
+        fail(r, ERR_CONNECT, "connection lost: %s", ac->errstr[0] ? ac->errstr : "closed");
+    schedule_reconnect(r);
+}
+
+/* Sends one command; returns false (and frees c) when hiredis refused it. */
+static bool send_argv(bw_redis_sync *r, cmd *c, int argc, const char **argv, const size_t *lens)
+{
+    if (r->ctx == NULL || r->closing ||
+        redisAsyncCommandArgv(r->ctx, on_reply, c, argc, argv, lens) != REDIS_OK) {
+        free(c);
+        return false;
+    }
+    if (r->in_flight == 0)
+        arm_timeout(r, r->command_timeout_ms);
+    r->in_flight++;
+    return true;
+}
+
+static cmd *new_cmd(bw_redis_sync *r, cmd_kind kind, uint32_t idx)
+{
+    cmd *c = calloc(1, sizeof(*c));
+    if (c != NULL) {
+        c->r = r;
+        c->kind = kind;
+        c->idx = idx;
+    }
+    return c;
+}
+
+/* Sends a command of plain NUL-terminated words. */
+static bool send_words(bw_redis_sync *r, cmd_kind kind, uint32_t idx, int argc,
+                       const char **argv)
+{
+    size_t lens[16];
+    for (int i = 0; i < argc && i < 16; i++)
+        lens[i] = strlen(argv[i]);
+    cmd *c = new_cmd(r, kind, idx);
+    return c != NULL && send_argv(r, c, argc, argv, lens);
+}
+
+static void send_script_loads(bw_redis_sync *r)
+{
+    const char *a[] = {"SCRIPT", "LOAD", rl_script};
+    send_words(r, CMD_SCRIPT_RL, 0, 3, a);
+    const char *b[] = {"SCRIPT", "LOAD", br_script};
+    send_words(r, CMD_SCRIPT_BR, 0, 3, b);
+    r->scripts_needed = false;
+}
+
+static void on_connect(const redisAsyncContext *ac, int status)
+{
+    bw_redis_sync *r = ac->data;
+    if (r == NULL || r->ctx != ac)
+        return;
+    if (status != REDIS_OK) {
+        r->ctx = NULL; /* hiredis frees it */
+        r->state = CONN_IDLE;
+        evtimer_del(r->timeout);
+        fail(r, ERR_CONNECT, "cannot connect: %s", ac->errstr[0] ? ac->errstr : "failed");
+        schedule_reconnect(r);
+        return;
+    }
+    evtimer_del(r->timeout);
+    r->state = CONN_HANDSHAKE;
+    r->handshake_failed = false;
+    if (r->target.password[0] != '\0') {
+        const char *a[] = {"AUTH", r->target.password};
+        send_words(r, CMD_HANDSHAKE, 0, 2, a);
+    }
+    if (r->target.db != 0) {
+        char db[16];
+        snprintf(db, sizeof(db), "%d", r->target.db);
+        const char *a[] = {"SELECT", db};
+        send_words(r, CMD_HANDSHAKE, 0, 2, a);
+    }
+    send_script_loads(r);
+}
+
+static void connect_now(bw_redis_sync *r)
+{
+    if (!r->enabled || r->ctx != NULL)
+        return;
+    if (!r->target_ok) {
+        fail(r, ERR_CONNECT, "redis.url is not usable; not connecting");
+        return;
+    }
+    redisAsyncContext *ac;
+    if (r->target.unix_socket)
+        ac = redisAsyncConnectUnix(r->target.path);
+    else
+        ac = redisAsyncConnect(r->target.host, r->target.port);
+    if (ac == NULL) {
+        fail(r, ERR_CONNECT, "cannot create a connection (out of memory)");
+        schedule_reconnect(r);
+        return;
+    }
+    if (ac->err) {
+        /* Failed before anything was registered: ours to free, no callback will run. */
+        fail(r, ERR_CONNECT, "cannot connect: %s", ac->errstr);
+        redisAsyncFree(ac);
+        schedule_reconnect(r);
+        return;
+    }
+    ac->data = r;
+    if (redisLibeventAttach(ac, r->base) != REDIS_OK) {
+        fail(r, ERR_CONNECT, "cannot attach the connection to the event loop");
+        redisAsyncFree(ac);
+        schedule_reconnect(r);
+        return;
+    }
+    redisAsyncSetConnectCallback(ac, on_connect);
+    redisAsyncSetDisconnectCallback(ac, on_disconnect);
+    r->ctx = ac;
+    r->state = CONN_CONNECTING;
+    r->closing = false;
+    r->in_flight = 0;
+    r->round_active = false;
+    arm_timeout(r, r->connect_timeout_ms);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Breakers                                                                                  */
+
+static const bw_upstream_conf *upstream_of_slot(const bw_redis_sync *r, uint32_t slot)
+{
+    for (size_t i = 0; i < r->cfg->n_upstreams; i++)
+        if (r->cfg->upstreams[i].shm_slot == (int)slot)
+            return &r->cfg->upstreams[i];
+    return NULL;
+}
+
+static bool stamp_newer(uint64_t a_at, const char *a_by, uint64_t b_at, const char *b_by)
+{
+    return a_at > b_at || (a_at == b_at && strcmp(a_by, b_by) > 0);
+}
+
+static void breaker_key(const bw_redis_sync *r, const char *upstream, char *buf, size_t len)
+{
+    snprintf(buf, len, "%s:circuit-breaker:%s", r->prefix, upstream);
+}
+
+/* Converts a time of the breaker's clock (monotonic ms) into wall ms, and back. */
+static uint64_t to_wall(uint64_t mono, uint64_t now_mono, uint64_t now_wall)
+{
+    if (mono == 0)
+        return 0;
+    uint64_t ago = now_mono > mono ? now_mono - mono : 0;
+    return now_wall > ago ? now_wall - ago : 0;
+}
+
+static uint64_t to_mono(uint64_t wall, uint64_t now_mono, uint64_t now_wall)
+{
+    if (wall == 0)
+        return 0;
+    uint64_t ago = now_wall > wall ? now_wall - wall : 0;
+    return now_mono > ago ? now_mono - ago : 1;
+}
+
+static bool parse_u64(const char *s, size_t len, uint64_t *out)
+{
+    if (len == 0 || len > 19)
+        return false;
+    uint64_t v = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return false;
+        v = v * 10 + (uint64_t)(s[i] - '0');
+    }
+    *out = v;
+    return true;
+}
+
+typedef struct br_record {
+    bool has_state;
+    bw_breaker_state state;
+    uint64_t opened_at, updated_at;
+    char by[ID_MAX];
+} br_record;
+
+/* Reads an HGETALL-shaped reply. Returns 1 for a record, 0 for no record, -1 if malformed. */
+static int parse_record(const redisReply *rep, br_record *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (rep->type != REDIS_REPLY_ARRAY || rep->elements % 2 != 0)
+        return -1;
+    if (rep->elements == 0)
+        return 0;
+    bool have_at = false;
+    for (size_t i = 0; i < rep->elements; i += 2) {
+        const redisReply *k = rep->element[i], *v = rep->element[i + 1];
+        if (k == NULL || v == NULL || k->type != REDIS_REPLY_STRING ||
+            v->type != REDIS_REPLY_STRING)
+            return -1;
+        const char *name = k->str;
+        if (strcmp(name, "state") == 0) {
+            out->has_state = true;
+            if (strcmp(v->str, "closed") == 0)
+                out->state = BW_BREAKER_CLOSED;
+            else if (strcmp(v->str, "open") == 0)
+                out->state = BW_BREAKER_OPEN;
+            else if (strcmp(v->str, "half_open") == 0)
+                out->state = BW_BREAKER_HALF_OPEN;
+            else
+                return -1;
+        } else if (strcmp(name, "opened_at_ms") == 0) {
+            if (!parse_u64(v->str, v->len, &out->opened_at))
+                return -1;
+        } else if (strcmp(name, "updated_at_ms") == 0) {
+            if (!parse_u64(v->str, v->len, &out->updated_at))
+                return -1;
+            have_at = true;
+        } else if (strcmp(name, "updated_by") == 0) {
+            if (v->len == 0 || v->len >= ID_MAX)
+                return -1;
+            copy_str(out->by, sizeof(out->by), v->str);
+        }
+    }
+    return out->has_state && have_at ? 1 : -1;
+}
+
+static void breaker_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
+{
+    if (c->idx >= r->n_br)
+        return;
+    br_rec *rec = &r->br[c->idx];
+    const bw_upstream_conf *u = upstream_of_slot(r, c->idx);
+    if (u == NULL || !rec->used)
+        return;
+    br_record h;
+    int got = parse_record(rep, &h);
+    if (got < 0) {
+        r->round_failed = true;
+        fail(r, ERR_REPLY, "malformed record for upstream %s; ignored", u->name);
+        return;
+    }
+    bw_breaker *b = bw_shm_breaker(r->shm, (int)c->idx);
+    uint64_t nm = mono_ms(), nw = wall_ms();
+    bw_breaker_view v;
+    if (got == 0) {
+        if (rec->known && c->kind == CMD_BREAKER) {
+            /* Deleted by an operator (or lost with Redis' data): a fleet-wide reset. */
+            bw_breaker_snapshot(b, &u->breaker, nm, &v);
+            if (v.state != BW_BREAKER_CLOSED) {
+                bw_breaker_reset(b, nm, NULL);
+                bw_log_info(r->log, "upstream %s: breaker reset (its Redis record was deleted)",
+                            u->name);
+            }
+            bw_breaker_snapshot(b, &u->breaker, nm, &v);
+            rec->gen = v.generation;
+            rec->dirty = false;
+            rec->applied_at = 0;
+            rec->applied_by[0] = '\0';
+        }
+        rec->known = false;
+        return;
+    }
+    rec->known = true;
+    if (strcmp(h.by, r->id) == 0) {
+        /* Our own write (this one or an earlier one whose reply was lost). */
+        if (c->local_at != 0 && h.updated_at == c->local_at && rec->local_at == c->local_at)
+            rec->dirty = false;
+        if (stamp_newer(h.updated_at, h.by, rec->applied_at, rec->applied_by)) {
+            rec->applied_at = h.updated_at;
+            copy_str(rec->applied_by, sizeof(rec->applied_by), h.by);
+        }
+        return;
+    }
+    if (!stamp_newer(h.updated_at, h.by, rec->applied_at, rec->applied_by))
+        return;
+    if (rec->dirty && rec->local_at != c->local_at &&
+        stamp_newer(rec->local_at, r->id, h.updated_at, h.by))
+        return; /* a newer local change is on its way; it will win the next write */
+    bw_breaker_transition t;
+    uint64_t opened = h.state == BW_BREAKER_OPEN ? to_mono(h.opened_at, nm, nw) : 0;
+    if (bw_breaker_force(b, &u->breaker, h.state, opened, nm, &t))
+        bw_log_info(r->log, "upstream %s: breaker %s, as set by instance %s", u->name,
+                    bw_breaker_state_name(h.state), h.by);
+    bw_breaker_snapshot(b, &u->breaker, nm, &v);
+    rec->gen = v.generation;
+    rec->dirty = false;
+    rec->applied_at = h.updated_at;
+    copy_str(rec->applied_by, sizeof(rec->applied_by), h.by);
+}
+
+/* Notices local transitions and sends one command per upstream. */
+static void breakers_round(bw_redis_sync *r)
+{
+    uint64_t nm = mono_ms(), nw = wall_ms();
+    char key[BW_SHM_NAME_MAX + 128], chan[160];
+    snprintf(chan, sizeof(chan), "%s:circuit-breaker-events", r->prefix);
+    for (size_t i = 0; i < r->cfg->n_upstreams; i++) {
+        const bw_upstream_conf *u = &r->cfg->upstreams[i];
+        if (u->shm_slot < 0 || (uint32_t)u->shm_slot >= r->n_br)
+            continue;
+        uint32_t slot = (uint32_t)u->shm_slot;
+        br_rec *rec = &r->br[slot];
+        bw_breaker_view v;
+        bw_breaker_snapshot(bw_shm_breaker(r->shm, u->shm_slot), &u->breaker, nm, &v);
+        if (v.generation != rec->gen) {
+            rec->gen = v.generation;
+            rec->dirty = true;
+            rec->local_at = to_wall(v.since_ms, nm, nw);
+            if (rec->local_at <= rec->applied_at)
+                rec->local_at = rec->applied_at + 1; /* it happened after what we applied */
+        }
+        breaker_key(r, u->name, key, sizeof(key));
+        if (rec->pending_del) {
+            const char *a[] = {"DEL", key};
+            send_words(r, CMD_DEL, slot, 2, a);
+            continue;
+        }
+        if (!rec->dirty) {
+            const char *a[] = {"HGETALL", key};
+            send_words(r, CMD_BREAKER, slot, 2, a);
+            continue;
+        }
+        char failures[24], opened[24], at[24];
+        snprintf(failures, sizeof(failures), "%" PRIu32, v.failures);
+        snprintf(opened, sizeof(opened), "%" PRIu64, to_wall(v.opened_at_ms, nm, nw));
+        snprintf(at, sizeof(at), "%" PRIu64, rec->local_at);
+        const char *a[] = {"EVALSHA", r->sha_br, "1", key,  bw_breaker_state_name(v.state),
+                           failures,  opened,   r->id, at, chan,
+                           u->name};
+        cmd *c = new_cmd(r, CMD_BREAKER, slot);
+        if (c == NULL)
+            continue;
+        c->local_at = rec->local_at;
+        size_t lens[11];
+        for (int k = 0; k < 11; k++)
+            lens[k] = strlen(a[k]);
+        send_argv(r, c, 11, a, lens);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Rate limits                                                                               */
+
+static const policy_ent *policy_at(const bw_redis_sync *r, uint32_t id)
+{
+    return id < r->n_pol && r->pol[id].used ? &r->pol[id] : NULL;
+}
+
+/* A record whose slot went to another key while tokens were still undelivered keeps
+ * delivering them from the orphan list. */
+static void retire(bw_redis_sync *r, rl_rec *rec)
+{
+    if (rec->tag != 0 && rec->cum > rec->acked) {
+        size_t free_i = ORPHANS_MAX, oldest = 0;
+        for (size_t i = 0; i < ORPHANS_MAX; i++) {
+            if (r->orphans[i].tag == 0) {
+                free_i = i;
+                break;
+            }
+            if (r->orphans[i].inc < r->orphans[oldest].inc)
+                oldest = i;
+        }
+        if (free_i == ORPHANS_MAX) {
+            fail(r, ERR_OVERLOAD, "too many undelivered rate-limit keys; %" PRIu64
+                                  " tokens of one given up",
+                 r->orphans[oldest].cum - r->orphans[oldest].acked);
+            free_i = oldest;
+        }
+        r->orphans[free_i] = *rec;
+    }
+    memset(rec, 0, sizeof(*rec));
+}
+
+static bool send_flush(bw_redis_sync *r, const rl_rec *rec, uint32_t idx, bool orphan)
+{
+    const policy_ent *pe = policy_at(r, rec->policy_id);
+    char key[512], inc[24], cum[24], base[24], interval[40], cap[32], linger[16];
+    snprintf(key, sizeof(key), "%s:rate-limit:%s:%s", r->prefix, rec->policy, rec->key);
+    snprintf(inc, sizeof(inc), "%" PRIu64, rec->inc);
+    snprintf(cum, sizeof(cum), "%" PRIu64, rec->cum);
+    snprintf(base, sizeof(base), "%" PRIu64, rec->acked);
+    uint64_t iv_ns = pe != NULL ? pe->params.interval_ns : 0;
+    uint32_t capn = pe != NULL ? pe->params.capacity : 1;
+    snprintf(interval, sizeof(interval), "%.3f", (double)iv_ns / 1000.0);
+    /* The fleet's lead is bounded: by one full window per live instance, enough to carry a
+     * burst that every instance admitted before hearing of the others, and no more, so tokens
+     * delivered late (after a partition) cannot lock a client out for long. */
+    uint32_t live = r->live > 0 ? r->live : 1;
+    snprintf(cap, sizeof(cap), "%.0f", (double)iv_ns / 1000.0 * capn * live);
+    snprintf(linger, sizeof(linger), "%d", RL_LINGER_MS);
+    const char *a[] = {"EVALSHA", r->sha_rl, "1", key, r->id, inc, cum, base, interval, cap,
+                       linger};
+    cmd *c = new_cmd(r, CMD_RL, idx);
+    if (c == NULL)
+        return false;
+    c->orphan = orphan;
+    c->inc = rec->inc;
+    c->cum = rec->cum;
+    size_t lens[11];
+    for (int k = 0; k < 11; k++)
+        lens[k] = strlen(a[k]);
+    return send_argv(r, c, 11, a, lens);
+}
+
+/* Collects what the workers took and sends every undelivered amount, within budget commands.
+ * Also recomputes the pending total for the stats. */
+static void ratelimits_round(bw_redis_sync *r, uint32_t budget)
+{
+    bw_ratelimit_table *t = rl_table(r);
+    uint64_t pending = 0;
+    if (t != NULL && r->rl != NULL) {
+        uint32_t n = r->n_rl, start = r->cursor;
+        uint64_t nm = mono_ms();
+        uint64_t pull_ms = (uint64_t)r->interval_ms * PULL_INTERVALS;
+        if (pull_ms < PULL_MIN_MS)
+            pull_ms = PULL_MIN_MS;
+        bool stopped = false;
+        for (uint32_t k = 0; k < n; k++) {
+            uint32_t i = start + k < n ? start + k : start + k - n;
+            rl_rec *rec = &r->rl[i];
+            uint32_t p = bw_ratelimit_fleet_pending(t, i);
+            if (p == 0 && rec->cum == rec->acked &&
+                (rec->active_ms == 0 || nm - rec->active_ms >= pull_ms))
+                continue;
+            if (stopped || budget == 0) {
+                if (!stopped)
+                    r->cursor = i; /* the next round starts here, so every key gets its turn */
+                stopped = true;
+                pending += p + (rec->cum - rec->acked);
+                continue;
+            }
+            if (p > 0) {
+                bw_ratelimit_fleet_entry fe;
+                if (bw_ratelimit_fleet_read(t, i, &fe) && policy_at(r, fe.policy_id) != NULL) {
+                    if (fe.tag != rec->tag) {
+                        retire(r, rec);
+                        rec->tag = fe.tag;
+                        rec->inc = ++r->next_inc;
+                        rec->policy_id = fe.policy_id;
+                        copy_str(rec->policy, sizeof(rec->policy),
+                                 policy_at(r, fe.policy_id)->name);
+                        copy_str(rec->key, sizeof(rec->key), fe.key);
+                    }
+                    uint32_t got = bw_ratelimit_fleet_collect(t, i, rec->tag);
+                    rec->cum += got;
+                    if (got > 0)
+                        rec->active_ms = nm;
+                }
+                pending += bw_ratelimit_fleet_pending(t, i);
+            }
+            bool pull = rec->tag != 0 && rec->active_ms != 0 && nm - rec->active_ms < pull_ms;
+            if (rec->tag != 0 && (rec->cum > rec->acked || pull)) {
+                pending += rec->cum - rec->acked;
+                if (send_flush(r, rec, i, false))
+                    budget--;
+            }
+        }
+        if (!stopped)
+            r->cursor = 0;
+    }
+    for (uint32_t i = 0; i < ORPHANS_MAX; i++) {
+        rl_rec *o = &r->orphans[i];
+        if (o->tag == 0)
+            continue;
+        pending += o->cum - o->acked;
+        if (budget > 0 && send_flush(r, o, i, true))
+            budget--;
+    }
+    r->pending = pending;
+}
+
+static void ratelimit_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
+{
+    if (rep->type != REDIS_REPLY_INTEGER || rep->integer < 0) {
+        r->round_failed = true;
+        fail(r, ERR_REPLY, "unexpected reply to the rate-limit script");
+        return;
+    }
+    rl_rec *rec = c->orphan ? (c->idx < ORPHANS_MAX ? &r->orphans[c->idx] : NULL)
+                            : (c->idx < r->n_rl ? &r->rl[c->idx] : NULL);
+    if (rec == NULL || rec->tag == 0 || rec->inc != c->inc)
+        return;
+    if (c->cum > rec->acked) {
+        r->pending -= r->pending >= c->cum - rec->acked ? c->cum - rec->acked : r->pending;
+        rec->acked = c->cum;
+    }
+    if (c->orphan) {
+        if (rec->acked >= rec->cum)
+            memset(rec, 0, sizeof(*rec));
+        return;
+    }
+    bw_ratelimit_table *t = rl_table(r);
+    const policy_ent *pe = policy_at(r, rec->policy_id);
+    if (t == NULL || pe == NULL)
+        return;
+    uint64_t fleet = (uint64_t)rep->integer;
+    if (pe->params.interval_ns != 0)
+        fleet = fleet > UINT64_MAX / 1000 ? UINT64_MAX : fleet * 1000;
+    bw_ratelimit_fleet_absorb(t, c->idx, rec->tag, &pe->params, mono_ns(), fleet);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Replies and rounds                                                                        */
+
+static void round_done(bw_redis_sync *r)
+{
+    r->round_active = false;
+    evtimer_del(r->timeout);
+    if (!r->round_failed) {
+        r->rounds++;
+        r->last_sync_wall_ms = wall_ms();
+    }
+    publish(r);
+}
+
+static void handle_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
+{
+    if (rep->type == REDIS_REPLY_ERROR) {
+        if (strncmp(rep->str, "NOSCRIPT", 8) == 0)
+            r->scripts_needed = true;
+        if (c->kind == CMD_HANDSHAKE || c->kind == CMD_SCRIPT_RL || c->kind == CMD_SCRIPT_BR) {
+            r->handshake_failed = true;
+            fail(r, ERR_AUTH, "connection setup refused: %s", rep->str);
+            drop_later(r);
+            return;
+        }
+        r->round_failed = true;
+        fail(r, ERR_REPLY, "error reply: %s", rep->str);
+        return;
+    }
+    switch (c->kind) {
+    case CMD_HANDSHAKE:
+        break;
+    case CMD_SCRIPT_RL:
+    case CMD_SCRIPT_BR:
+        if (rep->type != REDIS_REPLY_STRING || rep->len != 40) {
+            r->handshake_failed = true;
+            fail(r, ERR_REPLY, "unexpected reply to SCRIPT LOAD");
+            drop_later(r);
+            return;
+        }
+        memcpy(c->kind == CMD_SCRIPT_RL ? r->sha_rl : r->sha_br, rep->str, 40);
+        break;
+    case CMD_BREAKER:
+        breaker_reply(r, c, rep);
+        break;
+    case CMD_DEL:
+        if (rep->type == REDIS_REPLY_INTEGER && c->idx < r->n_br) {
+            r->br[c->idx].pending_del = false;
+            r->br[c->idx].known = false;
+        }
+        break;
+    case CMD_HEARTBEAT:
+        break;
+    case CMD_LIVE:
+        if (rep->type == REDIS_REPLY_INTEGER && rep->integer >= 0 && rep->integer < (1 << 20))
+            r->live = (uint32_t)rep->integer;
+        break;
+    case CMD_RL:
+        ratelimit_reply(r, c, rep);
+        break;
+    }
+}
+
+static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    cmd *c = privdata;
+    bw_redis_sync *r = c->r;
+    if (r->in_flight > 0)
+        r->in_flight--;
+    if (reply == NULL) {
+        /* The connection is going away; whatever this command carried is retried later. */
+        r->round_failed = true;
+        if (c->kind == CMD_DEL && c->idx < r->n_br)
+            r->br[c->idx].pending_del = true;
+        free(c);
+        return;
+    }
+    if (r->ctx == ac && !r->closing)
+        handle_reply(r, c, reply);
+    free(c);
+    if (r->ctx != ac || r->closing || r->in_flight > 0)
+        return;
+    if (r->state == CONN_HANDSHAKE) {
+        evtimer_del(r->timeout);
+        if (r->handshake_failed || r->sha_rl[0] == '\0' || r->sha_br[0] == '\0') {
+            drop_later(r);
+            return;
+        }
+        r->state = CONN_READY;
+        r->attempt = 0;
+        r->connects++;
+        if (r->target.unix_socket)
+            bw_log_info(r->log, "redis: connected to unix:%s", r->target.path);
+        else
+            bw_log_info(r->log, "redis: connected to %s:%d", r->target.host, r->target.port);
+        set_up(r, true);
+    } else if (r->round_active) {
+        round_done(r);
+    } else {
+        evtimer_del(r->timeout);
+    }
+}
+
+static void on_tick(evutil_socket_t fd, short what, void *arg)
+{
+    bw_redis_sync *r = arg;
+    if (r->state != CONN_READY || r->ctx == NULL || r->closing) {
+        /* Keep the pending figure current for the metrics while Redis is away. */
+        bw_ratelimit_table *t = rl_table(r);
+        if (t != NULL) {
+            uint64_t p = 0;
+            for (uint32_t i = 0; i < r->n_rl; i++)
+                p += bw_ratelimit_fleet_pending(t, i) + (r->rl[i].cum - r->rl[i].acked);
+            for (uint32_t i = 0; i < ORPHANS_MAX; i++)
+                p += r->orphans[i].cum - r->orphans[i].acked;
+            r->pending = p;
+        }
+        publish(r);
+        return;
+    }
+    if (r->round_active) {
+        r->skipped++; /* the previous round is still out; the command timer watches it */
+        return;
+    }
+    uint32_t fixed = 3 + (uint32_t)r->cfg->n_upstreams + (r->scripts_needed ? 2u : 0u);
+    if (r->in_flight + fixed > BW_REDIS_MAX_IN_FLIGHT) {
+        r->skipped++;
+        fail(r, ERR_OVERLOAD, "%" PRIu32 " commands in flight; round skipped", r->in_flight);
+        return;
+    }
+    r->round_active = true;
+    r->round_failed = false;
+    if (r->scripts_needed)
+        send_script_loads(r);
+
+    char key[160], now[24], stale[32];
+    snprintf(key, sizeof(key), "%s:instances", r->prefix);
+    uint64_t nw = wall_ms();
+    uint64_t stale_ms = (uint64_t)r->interval_ms * STALE_INTERVALS;
+    if (stale_ms < STALE_MIN_MS)
+        stale_ms = STALE_MIN_MS;
+    snprintf(now, sizeof(now), "%" PRIu64, nw);
+    snprintf(stale, sizeof(stale), "(%" PRIu64, nw > stale_ms ? nw - stale_ms : 0);
+    const char *za[] = {"ZADD", key, now, r->id};
+    send_words(r, CMD_HEARTBEAT, 0, 4, za);
+    const char *zr[] = {"ZREMRANGEBYSCORE", key, "-inf", stale};
+    send_words(r, CMD_HEARTBEAT, 0, 4, zr);
+    const char *zc[] = {"ZCARD", key};
+    send_words(r, CMD_LIVE, 0, 2, zc);
+
+    breakers_round(r);
+    uint32_t used = r->in_flight;
+    ratelimits_round(r, used < BW_REDIS_MAX_IN_FLIGHT ? BW_REDIS_MAX_IN_FLIGHT - used : 0);
+    if (r->in_flight == 0)
+        round_done(r); /* everything was refused: the connection is going away */
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Configuration and lifecycle                                                               */
+
+static bool str_differs(const char *a, const char *b)
+{
+    if (a == NULL || b == NULL)
+        return a != b;
+    return strcmp(a, b) != 0;
+}
+
+static void apply_config(bw_redis_sync *r, const bw_config *cfg)
+{
+    const bw_redis_conf *rc = &cfg->redis;
+    bool was = r->enabled;
+    bool conn_changed = was != rc->enabled || str_differs(r->url, rc->url);
+    bool prefix_changed = str_differs(r->prefix, rc->key_prefix);
+    r->cfg = cfg;
+    r->enabled = rc->enabled && rc->url != NULL;
+    r->connect_timeout_ms = rc->connect_timeout_ms ? rc->connect_timeout_ms : 1000;
+    r->command_timeout_ms = rc->command_timeout_ms ? rc->command_timeout_ms : 1000;
+    if (conn_changed) {
+        free(r->url);
+        r->url = rc->url != NULL ? strdup(rc->url) : NULL;
+        char err[160];
+        r->target_ok = r->url != NULL &&
+                       bw_redis_url_parse(r->url, &r->target, err, sizeof(err)) == 0;
+        if (r->enabled && !r->target_ok)
+            fail(r, ERR_CONNECT, "redis.url: %s", r->url != NULL ? err : "missing");
+    }
+    if (prefix_changed) {
+        free(r->prefix);
+        r->prefix = strdup(rc->key_prefix != NULL ? rc->key_prefix : "breakwater");
+        for (uint32_t i = 0; i < r->n_br; i++)
+            r->br[i].known = false; /* a new keyspace: nothing seen there yet */
+    }
+
+    /* Upstreams: a slot that now carries another name starts from its current breaker. */
+    uint64_t nm = mono_ms();
+    for (size_t i = 0; i < cfg->n_upstreams; i++) {
+        const bw_upstream_conf *u = &cfg->upstreams[i];
+        if (u->shm_slot < 0 || (uint32_t)u->shm_slot >= r->n_br)
+            continue;
+        br_rec *rec = &r->br[u->shm_slot];
+        if (rec->used && strcmp(rec->name, u->name) == 0)
+            continue;
+        memset(rec, 0, sizeof(*rec));
+        rec->used = true;
+        copy_str(rec->name, sizeof(rec->name), u->name);
+        bw_breaker_view v;
+        bw_breaker_snapshot(bw_shm_breaker(r->shm, u->shm_slot), &u->breaker, nm, &v);
+        rec->gen = v.generation;
+    }
+    /* Policies, by slot (the policy id in the table). */
+    for (uint32_t i = 0; i < r->n_pol; i++)
+        r->pol[i].used = false;
+    for (size_t i = 0; i < cfg->n_rate_limits; i++) {
+        const bw_ratelimit_conf *pc = &cfg->rate_limits[i];
+        if (pc->shm_slot < 0 || (uint32_t)pc->shm_slot >= r->n_pol)
+            continue;
+        policy_ent *pe = &r->pol[pc->shm_slot];
+        pe->used = true;
+        copy_str(pe->name, sizeof(pe->name), pc->name);
+        bw_ratelimit_params_from_conf(pc, &pe->params);
+    }
+
+    if (r->interval_ms != rc->sync_interval_ms || (r->enabled && !was)) {
+        r->interval_ms = rc->sync_interval_ms ? rc->sync_interval_ms : 100;
+        struct timeval tv = {(time_t)(r->interval_ms / 1000),
+                             (suseconds_t)((r->interval_ms % 1000) * 1000)};
+        evtimer_del(r->tick);
+        event_add(r->tick, &tv);
+    }
+    if (conn_changed) {
+        evtimer_del(r->retry);
+        if (r->ctx != NULL || r->closing)
+            drop_connection(r); /* schedules a reconnect to the new URL when still enabled */
+        evtimer_del(r->retry);
+        r->attempt = 0;
+        connect_now(r);
+    }
+    if (!r->enabled)
+        evtimer_del(r->tick);
+    publish(r);
+}
+
+bw_redis_sync *bw_redis_sync_new(struct event_base *base, const bw_shm *shm, const bw_config *cfg,
+                                 bw_log *log, const char *instance_id)
+{
+    bw_redis_sync *r = calloc(1, sizeof(*r));
+    if (r == NULL)
+        return NULL;
+    r->base = base;
+    r->shm = shm;
+    r->cfg = cfg;
+    r->log = log;
+    r->share_when_down = true;
+    if (instance_id != NULL && instance_id[0] != '\0') {
+        copy_str(r->id, sizeof(r->id), instance_id);
+    } else {
+        char host[64] = "host";
+        gethostname(host, sizeof(host) - 1);
+        host[sizeof(host) - 1] = '\0';
+        snprintf(r->id, sizeof(r->id), "%s-%ld-%08" PRIx32, host, (long)getpid(), random_u32());
+    }
+    r->n_br = shm->hdr->n_upstream_slots;
+    r->n_pol = shm->hdr->n_policy_slots;
+    r->br = calloc(r->n_br ? r->n_br : 1, sizeof(*r->br));
+    r->pol = calloc(r->n_pol ? r->n_pol : 1, sizeof(*r->pol));
+    bw_ratelimit_table *t = rl_table(r);
+    if (t != NULL) {
+        r->n_rl = bw_ratelimit_table_entries(t);
+        r->rl = calloc(r->n_rl, sizeof(*r->rl));
+    }
+    r->tick = event_new(base, -1, EV_PERSIST, on_tick, r);
+    r->timeout = evtimer_new(base, on_timeout, r);
+    r->retry = evtimer_new(base, on_retry, r);
+    r->drop_ev = event_new(base, -1, 0, on_drop_event, r);
+    if (r->br == NULL || r->pol == NULL || (t != NULL && r->rl == NULL) || r->tick == NULL ||
+        r->timeout == NULL || r->retry == NULL || r->drop_ev == NULL) {
+        bw_redis_sync_free(r);
+        return NULL;
+    }
+    if (cfg->redis.enabled && t == NULL)
+        bw_log_warn(log, "redis: the rate-limit table has no fleet area; rate limits stay local "
+                         "to this instance");
+    apply_config(r, cfg);
+    return r;
+}
+
+void bw_redis_sync_set_config(bw_redis_sync *r, const bw_config *cfg)
+{
+    apply_config(r, cfg);
+}
+
+void bw_redis_sync_set_share_when_down(bw_redis_sync *r, bool on)
+{
+    r->share_when_down = on;
+    publish(r);
+}
+
+int bw_redis_sync_reset_breaker(bw_redis_sync *r, const char *upstream)
+{
+    int i = bw_config_find_upstream(r->cfg, upstream);
+    if (i < 0)
+        return -1;
+    const bw_upstream_conf *u = &r->cfg->upstreams[i];
+    if (u->shm_slot < 0 || (uint32_t)u->shm_slot >= r->n_br)
+        return -1;
+    bw_breaker *b = bw_shm_breaker(r->shm, u->shm_slot);
+    uint64_t nm = mono_ms();
+    bw_breaker_reset(b, nm, NULL);
+    bw_breaker_view v;
+    bw_breaker_snapshot(b, &u->breaker, nm, &v);
+    br_rec *rec = &r->br[u->shm_slot];
+    rec->gen = v.generation;
+    rec->dirty = false;
+    /* Records stamped before the reset are not applied here any more. */
+    rec->applied_at = wall_ms();
+    rec->applied_by[0] = '\0';
+    if (!r->enabled)
+        return 1;
+    rec->pending_del = true;
+    if (r->state != CONN_READY || r->ctx == NULL || r->closing)
+        return 1;
+    char key[BW_SHM_NAME_MAX + 128];
+    breaker_key(r, u->name, key, sizeof(key));
+    const char *a[] = {"DEL", key};
+    return send_words(r, CMD_DEL, (uint32_t)u->shm_slot, 2, a) ? 0 : 1;
+}
+
+void bw_redis_sync_stats(const bw_redis_sync *r, bw_redis_stats *out)
+{
+    memset(out, 0, sizeof(*out));
+    out->configured = r->enabled;
+    out->up = r->up;
+    out->last_sync_wall_ms = r->last_sync_wall_ms;
+    out->errors = r->errors;
+    out->pending_deltas = r->pending;
+    out->rounds = r->rounds;
+    out->rounds_skipped = r->skipped;
+    out->connects = r->connects;
+    out->live_instances = r->live;
+}
+
+const char *bw_redis_sync_ratelimit_script(void)
+{
+    return rl_script;
+}
+
+const char *bw_redis_sync_instance_id(const bw_redis_sync *r)
+{
+    return r->id;
+}
+
+void bw_redis_sync_free(bw_redis_sync *r)
+{
+    if (r == NULL)
+        return;
+    r->enabled = false;
+    if (r->ctx != NULL) {
+        redisAsyncContext *ac = r->ctx;
+        r->ctx = NULL;
+        redisAsyncFree(ac); /* answers outstanding callbacks with NULL while r is still valid */
+    }
+    if (r->tick != NULL)
+        event_free(r->tick);
+    if (r->timeout != NULL)
+        event_free(r->timeout);
+    if (r->retry != NULL)
+        event_free(r->retry);
+    if (r->drop_ev != NULL)
+        event_free(r->drop_ev);
+    if (r->shm != NULL && r->shm->hdr != NULL) {
+        r->up = false;
+        atomic_store_explicit(&r->shm->hdr->status.redis_up, 0u, memory_order_relaxed);
+    }
+    free(r->br);
+    free(r->pol);
+    free(r->rl);
+    free(r->url);
+    free(r->prefix);
+    free(r);
+}
