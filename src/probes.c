@@ -90,7 +90,7 @@ int bw_probes_readyz(const bw_shm *shm, const bw_config *cfg, bool draining, uin
                             up ? "connected" : "unreachable: serving from local state");
     }
     const char *status = !ready ? "unhealthy" : degraded ? "degraded" : "healthy";
-    char ts[40];
+    char ts[96];
     bw_probes_iso8601(bw_probes_wall_ms(), ts, sizeof(ts));
     evbuffer_add_printf(out, "{\"ready\":%s,\"status\":\"%s\",\"timestamp\":\"%s\",%s\"checks\":[",
                         ready ? "true" : "false", status, ts,
@@ -106,10 +106,10 @@ void bw_probes_upstream_json(const bw_shm *shm, const bw_upstream_conf *u, uint6
 {
     bw_breaker_view v;
     snapshot(shm, u, now_ms, &v);
-    char since[40], opened[48];
+    char since[96], opened[112];
     bw_probes_iso8601(v.since_ms, since, sizeof(since));
     if (v.opened_at_ms) {
-        char iso[40];
+        char iso[96];
         bw_probes_iso8601(v.opened_at_ms, iso, sizeof(iso));
         snprintf(opened, sizeof(opened), "\"%s\"", iso);
     } else {

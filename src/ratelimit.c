@@ -356,10 +356,10 @@ static void fleet_claimed(bw_ratelimit_table *t, bw_rl_slot *s)
 
 /* The lookup-claim-decide loop shared by both take functions; *slot_out and *tag_out say which
  * slot decided, for the fleet bookkeeping. */
-static bw_ratelimit_decision take_slot(bw_ratelimit_table *t, uint32_t policy_id,
-                                       uint64_t key_hash, const bw_ratelimit_params *p,
-                                       uint64_t now, bw_ratelimit_result *out,
-                                       bw_rl_slot **slot_out, uint64_t *tag_out)
+static bw_ratelimit_decision take_slot(bw_ratelimit_table *t, uint32_t policy_id, uint64_t key_hash,
+                                       const bw_ratelimit_params *p, uint64_t now,
+                                       bw_ratelimit_result *out, bw_rl_slot **slot_out,
+                                       uint64_t *tag_out)
 {
     uint32_t home;
     uint64_t tag = key_tag(t, policy_id, key_hash, &home);
@@ -688,8 +688,7 @@ bw_ratelimit_decision bw_ratelimit_take_fleet(bw_ratelimit_table *t, uint32_t po
     if (t->fleet_off == 0 || slot == NULL)
         return d;
     if (out->allowed)
-        atomic_fetch_add_explicit(&fleet_pending(t)[slot_index(t, slot)], 1,
-                                  memory_order_relaxed);
+        atomic_fetch_add_explicit(&fleet_pending(t)[slot_index(t, slot)], 1, memory_order_relaxed);
     fleet_write_key(t, slot, tag, key, key_len, digest);
     return d;
 }

@@ -78,8 +78,7 @@ typedef enum err_kind {
     ERR_KINDS
 } err_kind;
 
-static const char *const err_names[ERR_KINDS] = {"connect", "auth", "timeout", "reply",
-                                                 "overload"};
+static const char *const err_names[ERR_KINDS] = {"connect", "auth", "timeout", "reply", "overload"};
 
 typedef enum conn_state {
     CONN_IDLE = 0,   /* no context; a reconnect may be scheduled */
@@ -352,8 +351,7 @@ int bw_redis_url_parse(const char *url, bw_redis_target *out, char *err, size_t 
             snprintf(err, errlen, "credentials must be written :password@");
             return -1;
         }
-        if (percent_decode(p + 1, (size_t)(at - p - 1), out->password, sizeof(out->password)) <
-            0) {
+        if (percent_decode(p + 1, (size_t)(at - p - 1), out->password, sizeof(out->password)) < 0) {
             snprintf(err, errlen, "the password is malformed or too long");
             return -1;
         }
@@ -553,8 +551,7 @@ static void on_timeout(evutil_socket_t fd, short what, void *arg)
         fail(r, ERR_TIMEOUT, "connect timed out after %" PRIu32 " ms", r->connect_timeout_ms);
         drop_connection(r);
     } else if (r->in_flight > 0) {
-        fail(r, ERR_TIMEOUT, "no reply within %" PRIu32 " ms; reconnecting",
-             r->command_timeout_ms);
+        fail(r, ERR_TIMEOUT, "no reply within %" PRIu32 " ms; reconnecting", r->command_timeout_ms);
         drop_connection(r);
     }
 }
@@ -606,8 +603,7 @@ static cmd *new_cmd(bw_redis_sync *r, cmd_kind kind, uint32_t idx)
 }
 
 /* Sends a command of plain NUL-terminated words. */
-static bool send_words(bw_redis_sync *r, cmd_kind kind, uint32_t idx, int argc,
-                       const char **argv)
+static bool send_words(bw_redis_sync *r, cmd_kind kind, uint32_t idx, int argc, const char **argv)
 {
     size_t lens[16];
     for (int i = 0; i < argc && i < 16; i++)
@@ -896,8 +892,8 @@ static void breakers_round(bw_redis_sync *r)
         snprintf(failures, sizeof(failures), "%" PRIu32, v.failures);
         snprintf(opened, sizeof(opened), "%" PRIu64, to_wall(v.opened_at_ms, nm, nw));
         snprintf(at, sizeof(at), "%" PRIu64, rec->local_at);
-        const char *a[] = {"EVALSHA", r->sha_br, "1", key,  bw_breaker_state_name(v.state),
-                           failures,  opened,   r->id, at, chan,
+        const char *a[] = {"EVALSHA", r->sha_br, "1",   key, bw_breaker_state_name(v.state),
+                           failures,  opened,    r->id, at,  chan,
                            u->name};
         cmd *c = new_cmd(r, CMD_BREAKER, slot);
         if (c == NULL)
@@ -933,8 +929,8 @@ static void retire(bw_redis_sync *r, rl_rec *rec)
                 oldest = i;
         }
         if (free_i == ORPHANS_MAX) {
-            fail(r, ERR_OVERLOAD, "too many undelivered rate-limit keys; %" PRIu64
-                                  " tokens of one given up",
+            fail(r, ERR_OVERLOAD,
+                 "too many undelivered rate-limit keys; %" PRIu64 " tokens of one given up",
                  r->orphans[oldest].cum - r->orphans[oldest].acked);
             free_i = oldest;
         }
@@ -960,8 +956,8 @@ static bool send_flush(bw_redis_sync *r, const rl_rec *rec, uint32_t idx, bool o
     uint32_t live = r->live > 0 ? r->live : 1;
     snprintf(cap, sizeof(cap), "%.0f", (double)iv_ns / 1000.0 * capn * live);
     snprintf(linger, sizeof(linger), "%d", RL_LINGER_MS);
-    const char *a[] = {"EVALSHA", r->sha_rl, "1", key, r->id, inc, cum, base, interval, cap,
-                       linger};
+    const char *a[] = {"EVALSHA", r->sha_rl, "1",      key, r->id, inc,
+                       cum,       base,      interval, cap, linger};
     cmd *c = new_cmd(r, CMD_RL, idx);
     if (c == NULL)
         return false;
@@ -1252,8 +1248,8 @@ static void apply_config(bw_redis_sync *r, const bw_config *cfg)
         free(r->url);
         r->url = rc->url != NULL ? strdup(rc->url) : NULL;
         char err[160];
-        r->target_ok = r->url != NULL &&
-                       bw_redis_url_parse(r->url, &r->target, err, sizeof(err)) == 0;
+        r->target_ok =
+            r->url != NULL && bw_redis_url_parse(r->url, &r->target, err, sizeof(err)) == 0;
         if (r->enabled && !r->target_ok)
             fail(r, ERR_CONNECT, "redis.url: %s", r->url != NULL ? err : "missing");
     }

@@ -153,6 +153,9 @@ int bw_worker_run(const bw_worker_args *args)
     struct event_config *ec = event_config_new();
     if (ec) {
         event_config_set_flag(ec, EVENT_BASE_FLAG_NOLOCK);
+        /* Coalesce the epoll_ctl calls that bufferevents make as they toggle reading and
+         * writing within one loop iteration. */
+        event_config_set_flag(ec, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
         w.base = event_base_new_with_config(ec);
         event_config_free(ec);
     }

@@ -1676,3 +1676,203 @@ def wait_metric(bw, name, expected, timeout=5.0, token=None, **labels):
     except AssertionError:
         raise AssertionError("%s%s is %s, expected %s" % (name, labels or "", seen[0] if seen
                                                          else None, expected))
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis (fleet state): a real redis-server on a free loopback port, and a small RESP client
+
+class RedisError(Exception):
+    """An error reply from Redis (the text after the '-')."""
+
+
+class RedisClient:
+    """A minimal RESP2 client over one TCP connection; every call is bounded by a timeout.
+    call() returns str for simple and bulk strings, int, list, or None; raises RedisError on
+    an error reply."""
+
+    def __init__(self, port, password=None, timeout=5.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout * SLOW)
+        self.timeout = timeout * SLOW
+        self.reader = _Reader(self.sock)
+        if password is not None:
+            self.call("AUTH", password)
+
+    def call(self, *args, timeout=None):
+        out = bytearray(b"*%d\r\n" % len(args))
+        for a in args:
+            b = a if isinstance(a, bytes) else str(a).encode()
+            out += b"$%d\r\n%s\r\n" % (len(b), b)
+        self.sock.settimeout(self.timeout)
+        self.sock.sendall(out)
+        return self._reply(deadline_after(timeout * SLOW if timeout else self.timeout))
+
+    def _reply(self, deadline):
+        line = self.reader.read_line(deadline)
+        if not line.endswith(b"\r\n"):
+            raise ConnectionError("Redis closed the connection")
+        kind, rest = line[:1], line[1:-2].decode("utf-8", "replace")
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            raise RedisError(rest)
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            data, got = self.reader.read_exact(n + 2, deadline)
+            if got < n + 2:
+                raise ConnectionError("Redis closed the connection inside a reply")
+            return data[:-2].decode("utf-8", "replace")
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._reply(deadline) for _ in range(n)]
+        raise ValueError("unexpected RESP line %r" % line)
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class RedisServer:
+    """Debian's redis-server on a free 127.0.0.1 port, without persistence (every start is
+    empty) and with DEBUG allowed from loopback. Faults for tests: pause()/resume() (SIGSTOP,
+    SIGCONT), kill() (SIGKILL), stop() (SHUTDOWN NOSAVE), restart() (stop and start empty on
+    the same port). call() uses a fresh connection; cli() runs redis-cli as an operator would."""
+
+    def __init__(self, tmp_path, password=None, port=None, start=True):
+        self.tmp_path = Path(tmp_path)
+        self.password = password
+        self.port = port or free_port()
+        self.n = next(_instance_counter)
+        self.log_path = self.tmp_path / ("redis%d.log" % self.n)
+        self.proc = None
+        self.paused = False
+        _all_redis.append(self)
+        if start:
+            self.start()
+
+    @property
+    def url(self):
+        auth = ":%s@" % self.password if self.password else ""
+        return "redis://%s127.0.0.1:%d" % (auth, self.port)
+
+    def start(self, timeout=10.0):
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--enable-debug-command", "local",
+                "--dir", str(self.tmp_path), "--dbfilename", "redis%d.rdb" % self.n,
+                "--logfile", str(self.log_path), "--daemonize", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, cwd=str(self.tmp_path))
+        self.paused = False
+
+        def answers():
+            if self.proc.poll() is not None:
+                raise HarnessError("redis-server exited with %s at start:\n%s"
+                                   % (self.proc.returncode, _read_text(self.log_path)[-2000:]))
+            try:
+                return self.call("PING", timeout=1) == "PONG"
+            except (OSError, RedisError, ValueError):
+                return False
+        wait_until(answers, timeout * SLOW, interval=0.02,
+                   message="redis-server to answer on port %d" % self.port)
+        return self
+
+    def client(self, timeout=5.0):
+        return RedisClient(self.port, self.password, timeout)
+
+    def call(self, *args, timeout=5.0):
+        with self.client(timeout) as c:
+            return c.call(*args)
+
+    def cli(self, *args, timeout=10.0):
+        """redis-cli with these arguments; returns its stdout (stripped)."""
+        cmd = ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port)]
+        if self.password:
+            cmd += ["-a", self.password, "--no-auth-warning"]
+        out = subprocess.run(cmd + [str(a) for a in args], stdin=subprocess.DEVNULL,
+                             capture_output=True, timeout=timeout * SLOW, check=True)
+        return out.stdout.decode("utf-8", "replace").strip()
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def pause(self):
+        self.proc.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self):
+        if self.running():
+            self.proc.send_signal(signal.SIGCONT)
+        self.paused = False
+
+    def kill(self):
+        if self.proc is None:
+            return
+        if self.running():
+            self.proc.kill()
+        self.proc.wait(10)
+        self.paused = False
+
+    def stop(self):
+        """SHUTDOWN NOSAVE (the data is dropped), falling back to SIGKILL."""
+        if not self.running():
+            return
+        if self.paused:
+            self.resume()
+        try:
+            self.call("SHUTDOWN", "NOSAVE", timeout=2)
+        except (OSError, RedisError, ValueError, ConnectionError):
+            pass  # the connection ends with the server: no reply is the normal outcome
+        try:
+            self.proc.wait(5 * SLOW)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def restart(self):
+        """Stops and starts an empty server on the same port."""
+        self.stop()
+        return self.start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+_all_redis = []
+
+
+def redis_keys(redis, pattern="*"):
+    return sorted(redis.call("KEYS", pattern))
+
+
+def redis_hash(redis, key):
+    """HGETALL as a dict."""
+    flat = redis.call("HGETALL", key) or []
+    return dict(zip(flat[0::2], flat[1::2]))
+
+
+def readyz(bw, port=None):
+    """(status, document) of GET /readyz on the admin listener."""
+    r = admin_request(bw, "GET", "/readyz", port=port)
+    return r.status, r.json()
+
+
+def readyz_check(doc, name):
+    for c in doc.get("checks", []):
+        if c.get("name") == name:
+            return c
+    raise AssertionError("no check %r in /readyz: %r" % (name, doc))

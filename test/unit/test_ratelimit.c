@@ -705,6 +705,106 @@ static void test_multiprocess_sigkill(void **state)
     munmap(sh, sizeof(shared_area));
 }
 
+/* Fleet area: pending counts, key names, collect and absorb, without Redis. */
+static void test_fleet_table(void **state)
+{
+    (void)state;
+    uint32_t entries = 64;
+    void *mem = calloc(1, bw_ratelimit_table_size_bytes_fleet(entries));
+    assert_non_null(mem);
+    bw_ratelimit_table *t = bw_ratelimit_table_init_fleet(mem, entries);
+    assert_true(bw_ratelimit_fleet_enabled(t));
+    assert_int_equal(bw_ratelimit_table_check(t), 0);
+    bw_ratelimit_params p;
+    bw_ratelimit_params_init(&p, 10, 1, false); /* 10 tokens, one per second */
+    bw_ratelimit_result r;
+    uint64_t key = 42;
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(bw_ratelimit_take_fleet(t, 1, key, "192.0.2.1", 9, false, &p, T0, &r),
+                         BW_RATELIMIT_ALLOW);
+    uint32_t idx = UINT32_MAX;
+    bw_ratelimit_fleet_entry fe;
+    for (uint32_t i = 0; i < entries; i++)
+        if (bw_ratelimit_fleet_pending(t, i) != 0)
+            idx = i;
+    assert_true(idx != UINT32_MAX);
+    assert_int_equal(bw_ratelimit_fleet_pending(t, idx), 3);
+    assert_true(bw_ratelimit_fleet_read(t, idx, &fe));
+    assert_string_equal(fe.key, "192.0.2.1");
+    assert_int_equal(fe.policy_id, 1);
+    /* Collecting empties the counter, once. */
+    assert_int_equal(bw_ratelimit_fleet_collect(t, idx, fe.tag), 3);
+    assert_int_equal(bw_ratelimit_fleet_collect(t, idx, fe.tag), 0);
+    assert_int_equal(bw_ratelimit_fleet_collect(t, idx, fe.tag + 1), 0);
+    /* The fleet used 9 tokens: TAT 9 s ahead; only 1 token left here. */
+    assert_true(bw_ratelimit_fleet_absorb(t, idx, fe.tag, &p, T0, 9 * SEC));
+    assert_int_equal(bw_ratelimit_take_fleet(t, 1, key, "192.0.2.1", 9, false, &p, T0, &r),
+                     BW_RATELIMIT_ALLOW);
+    assert_int_equal(r.remaining, 0);
+    assert_int_equal(bw_ratelimit_take_fleet(t, 1, key, "192.0.2.1", 9, false, &p, T0, &r),
+                     BW_RATELIMIT_REFUSE);
+    /* Absorb never gives tokens back. */
+    assert_true(bw_ratelimit_fleet_absorb(t, idx, fe.tag, &p, T0, 1 * SEC));
+    assert_int_equal(bw_ratelimit_take_fleet(t, 1, key, "192.0.2.1", 9, false, &p, T0, &r),
+                     BW_RATELIMIT_REFUSE);
+    /* Only allowed takes are pending. */
+    assert_int_equal(bw_ratelimit_fleet_pending(t, idx), 1);
+    /* A busy slot with pending tokens is not reclaimed as idle, even once its bucket is full. */
+    assert_int_equal(bw_ratelimit_table_check(t), 0);
+    assert_int_equal(bw_ratelimit_fleet_lost(t), 0);
+
+    /* Header values are named by digest, the same on every instance. */
+    char a[BW_RATELIMIT_FLEET_KEY_MAX + 1], b[BW_RATELIMIT_FLEET_KEY_MAX + 1];
+    assert_int_equal(bw_ratelimit_fleet_key_text("tenant 1", 8, false, a), 34);
+    assert_int_equal(bw_ratelimit_fleet_key_text("tenant 1", 8, true, b), 34);
+    assert_string_equal(a, b);
+    assert_memory_equal(a, "h-", 2);
+    assert_int_equal(bw_ratelimit_fleet_key_text("2001:db8::/64", 13, false, a), 13);
+
+    /* Never-refilling buckets absorb a count. */
+    bw_ratelimit_params once;
+    bw_ratelimit_params_init(&once, 5, 0, false);
+    assert_int_equal(bw_ratelimit_take_fleet(t, 2, 7, "k", 1, true, &once, T0, &r),
+                     BW_RATELIMIT_ALLOW);
+    uint32_t j = UINT32_MAX;
+    for (uint32_t i = 0; i < entries; i++)
+        if (i != idx && bw_ratelimit_fleet_pending(t, i) != 0)
+            j = i;
+    assert_true(j != UINT32_MAX && bw_ratelimit_fleet_read(t, j, &fe));
+    assert_true(bw_ratelimit_fleet_absorb(t, j, fe.tag, &once, T0, 5));
+    assert_int_equal(bw_ratelimit_take_fleet(t, 2, 7, "k", 1, true, &once, T0, &r),
+                     BW_RATELIMIT_REFUSE);
+
+    /* Degraded share: a half of the capacity, refilled half as fast. */
+    bw_ratelimit_params half;
+    bw_ratelimit_params_share(&p, 2, &half);
+    assert_int_equal(half.capacity, 5);
+    assert_true(half.interval_ns == 2 * p.interval_ns);
+    bw_ratelimit_fleet_set_share(t, 2);
+    assert_int_equal(bw_ratelimit_fleet_share(t), 2);
+    free(mem);
+}
+
+/* A table without fleet area: take_fleet is take, and the fleet functions do nothing. */
+static void test_fleet_absent(void **state)
+{
+    (void)state;
+    fixture f;
+    bw_ratelimit_table *t = new_table(&f, 16);
+    assert_false(bw_ratelimit_fleet_enabled(t));
+    bw_ratelimit_params p;
+    bw_ratelimit_params_init(&p, 2, 1, false);
+    bw_ratelimit_result r;
+    assert_int_equal(bw_ratelimit_take_fleet(t, 0, 1, "x", 1, false, &p, T0, &r),
+                     BW_RATELIMIT_ALLOW);
+    bw_ratelimit_fleet_entry fe;
+    for (uint32_t i = 0; i < 16; i++) {
+        assert_int_equal(bw_ratelimit_fleet_pending(t, i), 0);
+        assert_false(bw_ratelimit_fleet_read(t, i, &fe));
+    }
+    free(f.mem);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -728,6 +828,8 @@ int main(void)
         cmocka_unit_test(test_property_fractional),
         cmocka_unit_test(test_multiprocess_exact),
         cmocka_unit_test(test_multiprocess_sigkill),
+        cmocka_unit_test(test_fleet_table),
+        cmocka_unit_test(test_fleet_absent),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
