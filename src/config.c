@@ -1327,6 +1327,7 @@ static void set_defaults(bw_config *cfg)
     cfg->default_rate_limit = -1;
     cfg->rate_limit_table_size = 65536;
     cfg->redis.sync_interval_ms = 100;
+    cfg->redis.share_when_down = true;
     cfg->redis.connect_timeout_ms = 1000;
     cfg->redis.command_timeout_ms = 1000;
     cfg->log.level = BW_LOG_INFO;
@@ -2036,7 +2037,7 @@ static void parse_redis(vctx *c, const cJSON *root, bw_config *cfg)
 {
     static const char *const fields[] = {"url",      "key_prefix",         "sync_interval_ms",
                                          "required", "connect_timeout_ms", "command_timeout_ms",
-                                         NULL};
+                                         "share_when_down", NULL};
     bw_redis_conf *r = &cfg->redis;
     char why[256];
     const cJSON *o = get_object(c, root, "", "redis", false);
@@ -2058,6 +2059,7 @@ static void parse_redis(vctx *c, const cJSON *root, bw_config *cfg)
         }
         get_u32(c, o, "redis", "sync_interval_ms", 1, 60000, &r->sync_interval_ms);
         get_bool(c, o, "redis", "required", &r->required);
+        get_bool(c, o, "redis", "share_when_down", &r->share_when_down);
         get_u32(c, o, "redis", "connect_timeout_ms", 1, MAX_MS, &r->connect_timeout_ms);
         get_u32(c, o, "redis", "command_timeout_ms", 1, MAX_MS, &r->command_timeout_ms);
     }

@@ -34,6 +34,7 @@
 
 #include "breakwater/admin.h"
 #include "breakwater/probes.h"
+#include "breakwater/redis_sync.h"
 #include "breakwater/shm.h"
 #include "breakwater/tls.h"
 #include "breakwater/worker.h"
@@ -75,6 +76,7 @@ typedef struct bw_master {
     bw_admin *admin;
     char admin_key[80];
     bw_shm shm;
+    bw_redis_sync *redis; /* NULL without a redis section */
     uint64_t worker_restarts, reloads_ok, reloads_failed;
     bool stopping;
     int sigfd;
@@ -268,6 +270,8 @@ static void spawn_worker(bw_master *m, bw_generation *g, uint32_t slot)
         }
         if (bw_admin_fd(m->admin) >= 0)
             close(bw_admin_fd(m->admin));
+        if (bw_redis_sync_fd(m->redis) >= 0)
+            close(bw_redis_sync_fd(m->redis));
         char tag[32];
         snprintf(tag, sizeof(tag), "worker %u", slot + 1);
         bw_log_set_tag(&m->log, tag);
@@ -435,6 +439,42 @@ static void master_status(void *arg, bw_master_status *out)
     out->worker_restarts = m->worker_restarts;
     out->reloads_ok = m->reloads_ok;
     out->reloads_failed = m->reloads_failed;
+    if (m->redis) {
+        bw_redis_stats rs;
+        bw_redis_sync_stats(m->redis, &rs);
+        out->redis_pending_deltas = rs.pending_deltas;
+    }
+}
+
+static void admin_reset_cb(void *arg, const char *upstream)
+{
+    bw_master *m = arg;
+    if (m->redis)
+        (void)bw_redis_sync_reset_breaker(m->redis, upstream);
+}
+
+/* Starts, reconfigures or stops the Redis synchronisation for a newly bound configuration. */
+static void redis_apply(bw_master *m, const bw_config *cfg)
+{
+    if (!cfg->redis.enabled) {
+        if (m->redis) {
+            bw_redis_sync_free(m->redis);
+            m->redis = NULL;
+            atomic_store(&m->shm.hdr->status.redis_configured, 0u);
+            bw_log_info(&m->log, "redis: no longer configured; using local state only");
+        }
+        return;
+    }
+    if (m->redis) {
+        bw_redis_sync_set_config(m->redis, cfg);
+    } else {
+        m->redis = bw_redis_sync_new(m->base, &m->shm, cfg, &m->log, NULL);
+        if (!m->redis) {
+            bw_log_error(&m->log, "redis: cannot start the synchronisation; using local state");
+            return;
+        }
+    }
+    bw_redis_sync_set_share_when_down(m->redis, cfg->redis.share_when_down);
 }
 
 /* Opens the admin listener for cfg, reusing the running one when the address is unchanged. */
@@ -460,6 +500,7 @@ static int admin_apply(bw_master *m, const bw_config *cfg, char *err, size_t err
         snprintf(err, errlen, "cannot start the admin listener");
         return -1;
     }
+    bw_admin_on_reset(a, admin_reset_cb, m);
     bw_admin_free(m->admin);
     m->admin = a;
     snprintf(m->admin_key, sizeof(m->admin_key), "%s", key);
@@ -490,6 +531,7 @@ static void reload(bw_master *m)
         return;
     }
     bw_diag_free(&diag);
+    redis_apply(m, g->cfg);
     bw_generation *old = m->current;
     m->current = g;
     spawn_missing(m);
@@ -629,6 +671,7 @@ int bw_master_run(const char *config_path, bw_config *cfg)
                      m.current->cfg->admin.address, err);
         goto out;
     }
+    redis_apply(&m, m.current->cfg);
     m.ev_sig = event_new(m.base, m.sigfd, EV_READ | EV_PERSIST, signalfd_cb, &m);
     m.respawn_timer = evtimer_new(m.base, respawn_cb, &m);
     m.kill_timer = evtimer_new(m.base, kill_cb, &m);
@@ -646,6 +689,8 @@ int bw_master_run(const char *config_path, bw_config *cfg)
     rc = 0;
 
 out:
+    if (m.redis)
+        bw_redis_sync_free(m.redis);
     bw_admin_free(m.admin);
     lsock_close_all(&m);
     free(m.socks);

@@ -937,13 +937,19 @@ static bool admit_rate_limit(bw_session *s, bw_exchange *ex)
     const bw_ratelimit_params *pp = &w->rl_params[ex->route->rate_limit];
     const bw_http_head *h = &s->req;
     uint64_t hash;
+    const void *key;
+    size_t key_len;
+    bool digest;
+    bw_clientip ip;
     if (pc->key_kind == BW_RL_KEY_CLIENT_IP) {
         char xff[2048];
         size_t xl = joined_xff(h, xff, sizeof(xff));
-        bw_clientip ip;
         bw_clientip_key((const struct sockaddr *)&s->peer_sa, xl ? xff : NULL, xl,
                         cfg->trusted_proxies, cfg->n_trusted_proxies, pc->ipv6_prefix, &ip);
         hash = bw_ratelimit_hash(&w->shm->hdr->rl_seed, ip.key, sizeof(ip.key));
+        key = ip.text; /* the fleet-wide name of the bucket in Redis */
+        key_len = strlen(ip.text);
+        digest = false;
     } else {
         /* Requests without the header share one bucket (the empty key). */
         const char *v = "";
@@ -956,10 +962,20 @@ static bool admit_rate_limit(bw_session *s, bw_exchange *ex)
             }
         }
         hash = bw_ratelimit_hash(&w->shm->hdr->rl_seed, v, vl);
+        key = v;
+        key_len = vl;
+        digest = true; /* header values may be secrets: only a digest goes to Redis */
+    }
+    /* While Redis is unreachable, each instance may limit a key to its share of the fleet. */
+    bw_ratelimit_params shared;
+    uint32_t n = bw_ratelimit_fleet_share(w->rl);
+    if (n > 1) {
+        bw_ratelimit_params_share(pp, n, &shared);
+        pp = &shared;
     }
     bw_ratelimit_result res;
-    bw_ratelimit_decision d =
-        bw_ratelimit_take(w->rl, (uint32_t)pc->shm_slot, hash, pp, mono_ns(), &res);
+    bw_ratelimit_decision d = bw_ratelimit_take_fleet(w->rl, (uint32_t)pc->shm_slot, hash, key,
+                                                      key_len, digest, pp, mono_ns(), &res);
     add_extra(ex, "RateLimit-Limit", res.limit);
     add_extra(ex, "RateLimit-Remaining", res.remaining);
     add_extra(ex, "RateLimit-Reset", bw_ratelimit_ceil_seconds(res.reset_after_ns));

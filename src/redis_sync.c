@@ -237,6 +237,14 @@ static uint64_t clock_ms(clockid_t id)
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
+/* Breakers keep wall-clock milliseconds (the proxy and the admin endpoints use the same clock),
+ * so that opened_at/updated_at compare across the instances of a fleet. */
+static uint64_t wall_ms(void);
+static uint64_t breaker_ms(void)
+{
+    return wall_ms();
+}
+
 static uint64_t mono_ms(void)
 {
     return clock_ms(CLOCK_MONOTONIC);
@@ -808,7 +816,7 @@ static void breaker_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
         return;
     }
     bw_breaker *b = bw_shm_breaker(r->shm, (int)c->idx);
-    uint64_t nm = mono_ms(), nw = wall_ms();
+    uint64_t nm = breaker_ms(), nw = wall_ms();
     bw_breaker_view v;
     if (got == 0) {
         if (rec->known && c->kind == CMD_BREAKER) {
@@ -859,7 +867,7 @@ static void breaker_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
 /* Notices local transitions and sends one command per upstream. */
 static void breakers_round(bw_redis_sync *r)
 {
-    uint64_t nm = mono_ms(), nw = wall_ms();
+    uint64_t nm = breaker_ms(), nw = wall_ms();
     char key[BW_SHM_NAME_MAX + 128], chan[160];
     snprintf(chan, sizeof(chan), "%s:circuit-breaker-events", r->prefix);
     for (size_t i = 0; i < r->cfg->n_upstreams; i++) {
@@ -1261,7 +1269,7 @@ static void apply_config(bw_redis_sync *r, const bw_config *cfg)
     }
 
     /* Upstreams: a slot that now carries another name starts from its current breaker. */
-    uint64_t nm = mono_ms();
+    uint64_t nm = breaker_ms();
     for (size_t i = 0; i < cfg->n_upstreams; i++) {
         const bw_upstream_conf *u = &cfg->upstreams[i];
         if (u->shm_slot < 0 || (uint32_t)u->shm_slot >= r->n_br)
@@ -1373,7 +1381,7 @@ int bw_redis_sync_reset_breaker(bw_redis_sync *r, const char *upstream)
     if (u->shm_slot < 0 || (uint32_t)u->shm_slot >= r->n_br)
         return -1;
     bw_breaker *b = bw_shm_breaker(r->shm, u->shm_slot);
-    uint64_t nm = mono_ms();
+    uint64_t nm = breaker_ms();
     bw_breaker_reset(b, nm, NULL);
     bw_breaker_view v;
     bw_breaker_snapshot(b, &u->breaker, nm, &v);
@@ -1416,6 +1424,11 @@ const char *bw_redis_sync_ratelimit_script(void)
 const char *bw_redis_sync_instance_id(const bw_redis_sync *r)
 {
     return r->id;
+}
+
+int bw_redis_sync_fd(const bw_redis_sync *r)
+{
+    return r && r->ctx ? r->ctx->c.fd : -1;
 }
 
 void bw_redis_sync_free(bw_redis_sync *r)

@@ -146,6 +146,8 @@ typedef struct bw_redis_conf {
     bool required;    /* readiness fails while Redis is down; default false */
     uint32_t connect_timeout_ms; /* default 1000 */
     uint32_t command_timeout_ms; /* default 1000 */
+    bool share_when_down; /* while Redis is unreachable, limit each key to capacity / live
+                           * instances; default true */
 } bw_redis_conf;
 
 typedef enum bw_log_level {

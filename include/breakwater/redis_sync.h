@@ -92,6 +92,10 @@ const char *bw_redis_sync_instance_id(const bw_redis_sync *r);
 const char *bw_redis_sync_ratelimit_script(void);
 
 /* Disconnects and frees; safe with NULL. */
+/* The socket of the current connection, or -1: a forked worker closes its inherited copy, so
+ * that the master's reconnects are not kept half-alive by children. */
+int bw_redis_sync_fd(const bw_redis_sync *r);
+
 void bw_redis_sync_free(bw_redis_sync *r);
 
 #endif

@@ -180,7 +180,9 @@ def test_fault_during_steady_traffic(fault, redis_factory, upstream, breakwater_
     fleet = (a, b)
     if fault != "wrong_password":
         wait_fleet(redis, a, b)
-    errors_before = [metric(bw, "breakwater_redis_errors_total") for bw in fleet]
+        errors_before = [metric(bw, "breakwater_redis_errors_total") for bw in fleet]
+    else:
+        errors_before = [0, 0]  # refused since the start
 
     traffic = [Traffic(bw) for bw in fleet]
     for t in traffic:
