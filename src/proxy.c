@@ -49,6 +49,13 @@
 #include "breakwater/shm.h"
 #include "breakwater/upstream.h"
 
+/* -Dinstrumentation=false builds (for measuring their cost only) skip breakers and metrics. */
+#ifdef BW_NO_INSTRUMENTATION
+#define BW_INSTRUMENTED 0
+#else
+#define BW_INSTRUMENTED 1
+#endif
+
 #define BW_HIGH_WATER (256 * 1024)
 #define BW_LOW_WATER (64 * 1024)
 #define BW_REPLAY_MAX (64 * 1024)
@@ -283,7 +290,7 @@ static void log_transition(bw_worker *w, const bw_upstream_conf *u, const bw_bre
  * (a probe permit it held is recovered by the breaker's lease). */
 static void report_outcome(bw_session *s, bw_exchange *ex)
 {
-    if (!ex->ticketed)
+    if (!BW_INSTRUMENTED || !ex->ticketed)
         return;
     ex->ticketed = false;
     bw_worker *w = s->w;
@@ -312,9 +319,10 @@ static void exchange_record(bw_session *s, bw_exchange *ex)
     if (ex->quiet)
         return;
     double duration_ms = ms_since(&ex->t_start);
-    bw_metrics_count_request(w->shm, w->worker_slot, ex->route ? ex->route->shm_slot : -1,
-                             ex->status);
-    if (ex->pool && ex->attempts > 0)
+    if (BW_INSTRUMENTED)
+        bw_metrics_count_request(w->shm, w->worker_slot, ex->route ? ex->route->shm_slot : -1,
+                                 ex->status);
+    if (BW_INSTRUMENTED && ex->pool && ex->attempts > 0)
         bw_metrics_observe_duration(w->shm, w->worker_slot, ex->pool->conf->shm_slot,
                                     (uint64_t)(duration_ms * 1000.0));
     if (w->log->access_fd < 0)
@@ -510,7 +518,8 @@ void bw_proxy_accept(bw_worker *w, int listener, evutil_socket_t fd, const struc
         w->sessions->prev = s;
     w->sessions = s;
     w->n_sessions++;
-    bw_metrics_connection(w->shm, w->worker_slot, w->cfg->listeners[listener].shm_slot, 1);
+    if (BW_INSTRUMENTED)
+        bw_metrics_connection(w->shm, w->worker_slot, w->cfg->listeners[listener].shm_slot, 1);
 
     s->state = SS_HEAD;
     bufferevent_setcb(s->bev, client_read_cb, client_write_cb, client_event_cb, s);
@@ -557,7 +566,9 @@ static void session_free(bw_session *s)
     if (s->next)
         s->next->prev = s->prev;
     w->n_sessions--;
-    bw_metrics_connection(w->shm, w->worker_slot, w->cfg->listeners[s->listener].shm_slot, -1);
+    if (BW_INSTRUMENTED)
+        bw_metrics_connection(w->shm, w->worker_slot, w->cfg->listeners[s->listener].shm_slot,
+                              -1);
     if (s->tls && s->clean_close && s->bev) {
         /* Tell the client the close is deliberate: without close_notify, TLS clients report an
          * unexpected EOF. Best effort, non-blocking; the output buffer is already empty. */
@@ -1019,7 +1030,7 @@ static bool admit(bw_session *s, bw_exchange *ex)
 {
     if (ex->route->rate_limit >= 0 && !admit_rate_limit(s, ex))
         return false;
-    return admit_breaker(s, ex);
+    return !BW_INSTRUMENTED || admit_breaker(s, ex);
 }
 
 /* /healthz and /readyz answered on a traffic listener. */
@@ -1467,7 +1478,7 @@ static void upstream_failed(bw_exchange *ex, up_failure why)
     const char *addr = ex->server ? ex->server->conf->address : "?";
     exchange_release_upstream(ex, false);
 
-    if (!(was_reused && why == UF_RESET))
+    if (BW_INSTRUMENTED && !(was_reused && why == UF_RESET))
         bw_metrics_upstream_error(s->w->shm, s->w->worker_slot, ex->pool->conf->shm_slot,
                                   error_kind(why));
     if (!(was_reused && why == UF_RESET))

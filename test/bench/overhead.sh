@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # What circuit breakers, metrics and rate limits cost per request. Not a test: it prints figures.
 #
-# (a) breaker + metrics: breakwater (1 worker) in front of a small nginx that answers 200, with
-#     the breaker as configured by default versus a breaker that can never trip. Breakers and
-#     metrics cannot be switched off, so both configurations run the same per-request path
-#     (breaker admission, outcome recording, counters, histogram); the comparison shows what the
-#     tripping logic adds, and the CPU time per request shows the whole proxy's cost, of which
-#     this path is a part. See the notes printed at the end.
+# (a) breaker + metrics: breakwater (1 worker) in front of a small nginx that answers 200, the
+#     same configuration run by two release builds of the same source: the normal one, and one
+#     configured with -Dinstrumentation=false, whose request path skips breaker admission,
+#     outcome recording and every metric counter. The script builds both (build-bench-on and
+#     build-bench-off under the repository) unless --bin and --bin-off are given.
 # (b) rate limiting with many distinct client keys: wrk sends a different X-Forwarded-For
 #     address on every request (overhead/xff.lua), from 127.0.0.1, which the proxy trusts;
 #     policy capacity 100, refill 100/s; the same route with and without its rate_limit. It also
@@ -27,7 +26,8 @@ rounds=3
 conns=64
 keys=1000000
 table=1048576
-bin="$repo/build/breakwater"
+bin=""
+bin_off=""
 parts="breaker ratelimit"
 keep=0
 pin=auto
@@ -43,7 +43,8 @@ usage: $(basename "$0") [options]
   --keys N         distinct client addresses for the rate-limit part (default $keys, at most 4194304)
   --table N        rate_limit_table_size for the rate-limit part (default $table)
   --only PART      breaker or ratelimit (default: both)
-  --bin PATH       breakwater binary (default <repo>/build/breakwater)
+  --bin PATH       breakwater binary (default: a release build in <repo>/build-bench-on)
+  --bin-off PATH   binary built with -Dinstrumentation=false (default: <repo>/build-bench-off)
   --no-pin         do not pin the proxy to CPU 0 and the load to the other CPUs
   --keep           keep the temporary directory (configurations, logs, raw wrk output)
   -h, --help       this text
@@ -58,6 +59,7 @@ while [ $# -gt 0 ]; do
         --connections) conns="$2"; shift 2 ;;
         --keys) keys="$2"; shift 2 ;;
         --table) table="$2"; shift 2 ;;
+        --bin-off) bin_off="$2"; shift 2 ;;
         --only) parts="$2"; shift 2 ;;
         --bin) bin="$2"; shift 2 ;;
         --no-pin) pin=no; shift ;;
@@ -81,7 +83,21 @@ case "$parts" in breaker|ratelimit|"breaker ratelimit") ;; *) die "--only: break
 for tool in wrk nginx curl python3; do
     command -v "$tool" >/dev/null 2>&1 || die "$tool not found in PATH"
 done
-[ -x "$bin" ] || die "breakwater binary not found at $bin (build it: ninja -C build, or --bin)"
+# Release builds of the same source, with and without the breaker and metrics path.
+release_build() { # dir [meson options...]
+    local dir="$repo/$1"
+    shift
+    if [ ! -f "$dir/build.ninja" ]; then
+        meson setup "$dir" --buildtype=release "$@" >/dev/null || die "meson setup $dir failed"
+    fi
+    ninja -C "$dir" breakwater >/dev/null || die "building $dir failed"
+    echo "$dir/breakwater"
+}
+[ -n "$bin" ] || bin="$(release_build build-bench-on)"
+if [[ " $parts " == *" breaker "* ]] && [ -z "$bin_off" ]; then
+    bin_off="$(release_build build-bench-off -Dinstrumentation=false)"
+fi
+[ -x "$bin" ] || die "breakwater binary not found at $bin"
 bin="$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")"
 nginx_bin="$(command -v nginx)"
 clk_tck="$(getconf CLK_TCK)"
@@ -204,8 +220,8 @@ EOF
 }
 
 declare -A pid_of
-start_bw() { # name port
-    "${on_proxy[@]}" "$bin" -c "$tmp/$1.json" >"$tmp/$1.log" 2>&1 &
+start_bw() { # name port [binary]
+    "${on_proxy[@]}" "${3:-$bin}" -c "$tmp/$1.json" >"$tmp/$1.log" 2>&1 &
     pid_of[$1]=$!
     started+=("${pid_of[$1]}")
     wait_200 "breakwater ($1)" "http://127.0.0.1:$2/" "${pid_of[$1]}" "$tmp/$1.log"
@@ -292,29 +308,17 @@ echo "breakwater: $("$bin" -V 2>&1 | head -n 1); wrk: 1 thread, $conns connectio
 
 # --- (a) breaker + metrics ------------------------------------------------------------------
 if [[ " $parts " == *" breaker "* ]]; then
-    inert='{"failure_threshold": 0, "failure_rate_percent": 0}'
-    write_config default "$a_port" "$a_admin" '{}' '' '' || die "configuration refused: $(cat "$tmp/default.check")"
-    if ! write_config inert "$b_port" "$b_admin" "$inert" '' ''; then
-        # Older builds refuse 0; a threshold that can never be reached is the same in effect.
-        inert='{"failure_threshold": 1000000000, "failure_rate_percent": 0}'
-        write_config inert "$b_port" "$b_admin" "$inert" '' '' ||
-            die "configuration refused: $(cat "$tmp/inert.check")"
-        echo "note: failure_threshold 0 is refused by this build; the inert breaker uses 1000000000"
-    fi
-    start_bw default "$a_port"
-    start_bw inert "$b_port"
+    write_config on "$a_port" "$a_admin" '{}' '' '' || die "configuration refused: $(cat "$tmp/on.check")"
+    write_config off "$b_port" "$b_admin" '{}' '' '' || die "configuration refused: $(cat "$tmp/off.check")"
+    start_bw on "$a_port"
+    start_bw off "$b_port" "$bin_off"
     for r in $(seq 1 "$rounds"); do
-        run_wrk default "http://127.0.0.1:$a_port/"
-        run_wrk inert "http://127.0.0.1:$b_port/"
+        run_wrk on "http://127.0.0.1:$a_port/"
+        run_wrk off "http://127.0.0.1:$b_port/"
     done
-    stop_bw default
-    stop_bw inert
-    summary "(a) breaker + metrics: default breaker vs breaker that never trips ($inert)" default inert
-    cat <<'EOF'
-  Both configurations consult the breaker and update every metric on every request; the ratio
-  shows what a live (trippable) breaker adds to that. It does not isolate the whole breaker and
-  metrics path from the rest of the proxy: for that, compare CPU us/req with a build without it.
-EOF
+    stop_bw on
+    stop_bw off
+    summary "(a) breakers + metrics on every request (on) vs a build without them (off)" on off
     : >"$results"
 fi
 
