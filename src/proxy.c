@@ -809,22 +809,75 @@ static bool named_in_connection(const conn_tokens *ct, const char *name, size_t 
     return false;
 }
 
+/* Head writer: heads are built in one reserved, contiguous stretch of the output buffer and
+ * committed once, instead of one evbuffer_add (and its bookkeeping) per fragment. The caller
+ * reserves an upper bound of what it writes. */
+typedef struct head_writer {
+    struct evbuffer *buf;
+    struct evbuffer_iovec vec;
+    char *p;
+    size_t n;
+} head_writer;
+
+static bool hw_begin(head_writer *w, struct evbuffer *buf, size_t bound)
+{
+    w->buf = buf;
+    w->n = 0;
+    if (evbuffer_reserve_space(buf, (ev_ssize_t)bound, &w->vec, 1) < 1 || w->vec.iov_len < bound)
+        return false;
+    w->p = w->vec.iov_base;
+    return true;
+}
+
+static void hw_put(head_writer *w, const void *data, size_t len)
+{
+    memcpy(w->p + w->n, data, len);
+    w->n += len;
+}
+
+#define hw_lit(w, lit) hw_put((w), (lit), sizeof(lit) - 1)
+
+static void hw_u64(head_writer *w, uint64_t v)
+{
+    char digits[20];
+    size_t k = sizeof(digits);
+    do {
+        digits[--k] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    hw_put(w, digits + k, sizeof(digits) - k);
+}
+
+static void hw_end(head_writer *w)
+{
+    w->vec.iov_len = w->n;
+    evbuffer_commit_space(w->buf, &w->vec, 1);
+}
+
 /* Writes the request head the upstream will see into ex->replay. */
-static void build_upstream_head(bw_session *s, bw_exchange *ex, const char *auth, size_t auth_len,
+static bool build_upstream_head(bw_session *s, bw_exchange *ex, const char *auth, size_t auth_len,
                                 const char *path, size_t path_len)
 {
     const bw_http_head *h = &s->req;
-    struct evbuffer *b = ex->replay;
     conn_tokens ct;
     collect_conn_tokens(h, &ct);
+    const char *server = ex->pool->servers[0].conf->address;
+    size_t server_len = strlen(server);
 
-    evbuffer_add(b, h->method_str, h->method_len);
-    evbuffer_add(b, " ", 1);
-    evbuffer_add(b, path, path_len);
-    evbuffer_add(b, " HTTP/1.1\r\n", 11);
+    size_t bound = h->method_len + path_len + 16 + auth_len + server_len + 256 + ex->reqid_len;
+    for (size_t i = 0; i < h->n_headers; i++)
+        bound += h->headers[i].name_len + h->headers[i].value_len + 6;
+    head_writer w;
+    if (!hw_begin(&w, ex->replay, bound))
+        return false;
 
-    const char *xff[8];
-    size_t xff_len[8], n_xff = 0;
+    hw_put(&w, h->method_str, h->method_len);
+    hw_lit(&w, " ");
+    hw_put(&w, path, path_len);
+    hw_lit(&w, " HTTP/1.1\r\n");
+
+    const char *xff[16];
+    size_t xff_len[16], n_xff = 0;
     bool have_host = false;
     for (size_t i = 0; i < h->n_headers; i++) {
         const bw_http_header *hd = &h->headers[i];
@@ -832,7 +885,7 @@ static void build_upstream_head(bw_session *s, bw_exchange *ex, const char *auth
             named_in_connection(&ct, hd->name, hd->name_len))
             continue;
         if (bw_http_name_eq(hd->name, hd->name_len, "x-forwarded-for")) {
-            if (n_xff < 8 && hd->value_len > 0) {
+            if (n_xff < 16 && hd->value_len > 0) {
                 xff[n_xff] = hd->value;
                 xff_len[n_xff++] = hd->value_len;
             }
@@ -845,40 +898,47 @@ static void build_upstream_head(bw_session *s, bw_exchange *ex, const char *auth
             have_host = true;
             if (auth) {
                 /* RFC 9112 3.2.2: the authority of an absolute-form target replaces Host. */
-                evbuffer_add(b, "Host: ", 6);
-                evbuffer_add(b, auth, auth_len);
-                evbuffer_add(b, "\r\n", 2);
+                hw_lit(&w, "Host: ");
+                hw_put(&w, auth, auth_len);
+                hw_lit(&w, "\r\n");
                 continue;
             }
         }
-        evbuffer_add(b, hd->name, hd->name_len);
-        evbuffer_add(b, ": ", 2);
-        evbuffer_add(b, hd->value, hd->value_len);
-        evbuffer_add(b, "\r\n", 2);
+        hw_put(&w, hd->name, hd->name_len);
+        hw_lit(&w, ": ");
+        hw_put(&w, hd->value, hd->value_len);
+        hw_lit(&w, "\r\n");
     }
     if (!have_host) {
-        evbuffer_add(b, "Host: ", 6);
+        hw_lit(&w, "Host: ");
         if (auth)
-            evbuffer_add(b, auth, auth_len);
+            hw_put(&w, auth, auth_len);
         else
-            evbuffer_add(b, ex->pool->servers[0].conf->address,
-                         strlen(ex->pool->servers[0].conf->address));
-        evbuffer_add(b, "\r\n", 2);
+            hw_put(&w, server, server_len);
+        hw_lit(&w, "\r\n");
     }
-    evbuffer_add(b, "X-Forwarded-For: ", 17);
+    hw_lit(&w, "X-Forwarded-For: ");
     for (size_t i = 0; i < n_xff; i++) {
-        evbuffer_add(b, xff[i], xff_len[i]);
-        evbuffer_add(b, ", ", 2);
+        hw_put(&w, xff[i], xff_len[i]);
+        hw_lit(&w, ", ");
     }
-    evbuffer_add(b, s->peer_ip, strlen(s->peer_ip));
-    evbuffer_add_printf(b, "\r\nX-Forwarded-Proto: %s\r\nX-Request-Id: ", s->tls ? "https" : "http");
-    evbuffer_add(b, ex->reqid, ex->reqid_len);
-    evbuffer_add(b, "\r\n", 2);
-    if (ex->req_framing == BW_BODY_LENGTH)
-        evbuffer_add_printf(b, "Content-Length: %llu\r\n", (unsigned long long)ex->req_left);
-    else if (ex->req_framing == BW_BODY_CHUNKED)
-        evbuffer_add(b, "Transfer-Encoding: chunked\r\n", 28);
-    evbuffer_add(b, "\r\n", 2);
+    hw_put(&w, s->peer_ip, strlen(s->peer_ip));
+    if (s->tls)
+        hw_lit(&w, "\r\nX-Forwarded-Proto: https\r\nX-Request-Id: ");
+    else
+        hw_lit(&w, "\r\nX-Forwarded-Proto: http\r\nX-Request-Id: ");
+    hw_put(&w, ex->reqid, ex->reqid_len);
+    hw_lit(&w, "\r\n");
+    if (ex->req_framing == BW_BODY_LENGTH) {
+        hw_lit(&w, "Content-Length: ");
+        hw_u64(&w, ex->req_left);
+        hw_lit(&w, "\r\n");
+    } else if (ex->req_framing == BW_BODY_CHUNKED) {
+        hw_lit(&w, "Transfer-Encoding: chunked\r\n");
+    }
+    hw_lit(&w, "\r\n");
+    hw_end(&w);
+    return true;
 }
 
 static void set_request_id(bw_session *s, bw_exchange *ex)
@@ -893,18 +953,31 @@ static void set_request_id(bw_session *s, bw_exchange *ex)
             return;
         }
     }
-    uint64_t a = next_random(&s->w->reqid_state), b = next_random(&s->w->reqid_state);
-    ex->reqid_len = (size_t)snprintf(ex->reqid, sizeof(ex->reqid), "%016llx%016llx",
-                                     (unsigned long long)a, (unsigned long long)b);
+    static const char hex[] = "0123456789abcdef";
+    uint64_t words[2] = {next_random(&s->w->reqid_state), next_random(&s->w->reqid_state)};
+    for (int i = 0; i < 32; i++)
+        ex->reqid[i] = hex[(words[i / 16] >> (60 - 4 * (i % 16))) & 0xf];
+    ex->reqid_len = 32;
 }
 
 /* Appends "Name: value" to the exchange's extra response headers. */
 static void add_extra(bw_exchange *ex, const char *name, unsigned long long v)
 {
-    size_t room = sizeof(ex->extra) - ex->extra_len;
-    int n = snprintf(ex->extra + ex->extra_len, room, "%s: %llu\r\n", name, v);
-    if (n > 0 && (size_t)n < room)
-        ex->extra_len += (size_t)n;
+    char digits[20];
+    size_t k = sizeof(digits), nl = strlen(name);
+    do {
+        digits[--k] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    size_t len = nl + 2 + (sizeof(digits) - k) + 2;
+    if (ex->extra_len + len > sizeof(ex->extra))
+        return;
+    char *p = ex->extra + ex->extra_len;
+    memcpy(p, name, nl);
+    memcpy(p + nl, ": ", 2);
+    memcpy(p + nl + 2, digits + k, sizeof(digits) - k);
+    memcpy(p + len - 2, "\r\n", 2);
+    ex->extra_len += len;
 }
 
 /* Joins every X-Forwarded-For field, in order, with ", "; keeps the right-most part when the
@@ -1135,7 +1208,10 @@ static void dispatch_request(bw_session *s)
         return;
     }
     ex->replayable = true;
-    build_upstream_head(s, ex, auth, auth_len, path, path_len);
+    if (!build_upstream_head(s, ex, auth, auth_len, path, path_len)) {
+        send_error(s, 500, "out of memory");
+        return;
+    }
 
     if (h->expect_continue && !ex->req_done && h->version_minor == 1) {
         /* We answer the expectation ourselves and strip it: the body is streamed anyway. */
@@ -1643,7 +1719,7 @@ static void forward_response_body(bw_exchange *ex)
 }
 
 /* Writes the client-facing response head for a parsed upstream head. */
-static void write_response_head(bw_exchange *ex, const bw_http_head *r)
+static bool write_response_head(bw_exchange *ex, const bw_http_head *r)
 {
     bw_session *s = ex->s;
     struct evbuffer *out = bufferevent_get_output(s->bev);
@@ -1651,10 +1727,17 @@ static void write_response_head(bw_exchange *ex, const bw_http_head *r)
     conn_tokens ct;
     collect_conn_tokens(r, &ct);
 
-    size_t before = evbuffer_get_length(out);
-    evbuffer_add_printf(out, "HTTP/1.1 %d ", r->status);
-    evbuffer_add(out, r->reason, r->reason_len);
-    evbuffer_add(out, "\r\n", 2);
+    size_t bound = 128 + r->reason_len + ex->extra_len;
+    for (size_t i = 0; i < r->n_headers; i++)
+        bound += r->headers[i].name_len + r->headers[i].value_len + 6;
+    head_writer w;
+    if (!hw_begin(&w, out, bound))
+        return false;
+    hw_lit(&w, "HTTP/1.1 ");
+    hw_u64(&w, (uint64_t)r->status);
+    hw_lit(&w, " ");
+    hw_put(&w, r->reason, r->reason_len);
+    hw_lit(&w, "\r\n");
     /* Content-Length is meaningful on HEAD and 304 responses too: keep it as sent there. */
     bool no_body = ex->resp_framing == BW_BODY_NONE;
     for (size_t i = 0; i < r->n_headers; i++) {
@@ -1663,17 +1746,18 @@ static void write_response_head(bw_exchange *ex, const bw_http_head *r)
         if (!keep_cl && (is_hop_by_hop(hd->name, hd->name_len) ||
                          named_in_connection(&ct, hd->name, hd->name_len)))
             continue;
-        evbuffer_add(out, hd->name, hd->name_len);
-        evbuffer_add(out, ": ", 2);
-        evbuffer_add(out, hd->value, hd->value_len);
-        evbuffer_add(out, "\r\n", 2);
+        hw_put(&w, hd->name, hd->name_len);
+        hw_lit(&w, ": ");
+        hw_put(&w, hd->value, hd->value_len);
+        hw_lit(&w, "\r\n");
     }
     if (ex->resp_framing == BW_BODY_LENGTH) {
-        evbuffer_add_printf(out, "Content-Length: %llu\r\n",
-                            (unsigned long long)r->content_length);
+        hw_lit(&w, "Content-Length: ");
+        hw_u64(&w, r->content_length);
+        hw_lit(&w, "\r\n");
     } else if (ex->resp_framing == BW_BODY_CHUNKED || ex->resp_framing == BW_BODY_CLOSE) {
         if (client11) {
-            evbuffer_add(out, "Transfer-Encoding: chunked\r\n", 28);
+            hw_lit(&w, "Transfer-Encoding: chunked\r\n");
             ex->resp_chunk_encode = ex->resp_framing == BW_BODY_CLOSE;
         } else {
             ex->resp_dechunk = ex->resp_framing == BW_BODY_CHUNKED;
@@ -1681,16 +1765,18 @@ static void write_response_head(bw_exchange *ex, const bw_http_head *r)
         }
     }
     if (ex->extra_len)
-        evbuffer_add(out, ex->extra, ex->extra_len);
+        hw_put(&w, ex->extra, ex->extra_len);
     if (s->w->draining)
         s->close_after = true;
     if (s->close_after)
-        evbuffer_add(out, "Connection: close\r\n", 19);
+        hw_lit(&w, "Connection: close\r\n");
     else if (!client11)
-        evbuffer_add(out, "Connection: keep-alive\r\n", 24);
-    evbuffer_add(out, "\r\n", 2);
-    ex->bytes_out += evbuffer_get_length(out) - before;
+        hw_lit(&w, "Connection: keep-alive\r\n");
+    hw_lit(&w, "\r\n");
+    ex->bytes_out += w.n;
+    hw_end(&w);
     ex->resp_started = true;
+    return true;
 }
 
 static void read_response_head(bw_exchange *ex)
@@ -1747,8 +1833,12 @@ static void read_response_head(bw_exchange *ex)
         ex->up_keepalive = r->version_minor == 1 ? !r->conn_close : r->conn_keep_alive;
         if (r->framing == BW_BODY_CLOSE)
             ex->up_keepalive = false;
-        write_response_head(ex, r);
+        bool written = write_response_head(ex, r);
         free(r);
+        if (!written) {
+            upstream_failed(ex, UF_INVALID);
+            return;
+        }
         evbuffer_drain(in, head_len);
         ex->rstate = RS_BODY;
         /* From here on the read timeout is the gap allowed between body reads. */

@@ -165,6 +165,10 @@ int bw_shm_create(bw_shm *shm, const bw_config *cfg, char *err, size_t errlen)
         snprintf(err, errlen, "shared memory: cannot map %zu bytes: %s", size, strerror(errno));
         return -1;
     }
+    /* The rate-limit table is read at random, one entry per request: with huge pages the
+     * lookups stop missing the TLB. Honoured where shared-memory THP is "advise" or "always";
+     * elsewhere a harmless no-op. */
+    (void)madvise(base, size, MADV_HUGEPAGE);
 
     /* A fresh anonymous mapping is zero-filled: free slots, zero counters, idle status. */
     bw_shm_header *h = base;
