@@ -223,8 +223,17 @@ static void out_kick(struct bufferevent *bev)
 
 static void client_kick(bw_session *s)
 {
-    if (!s->tls)
+    if (!s->tls) {
         out_kick(s->bev);
+        return;
+    }
+    /* bufferevent_openssl writes one TLS record per buffer chunk: a response head and its body
+     * sit in separate chunks, so a small response would cost two records (two encryptions,
+     * two sends). Making small output contiguous keeps it to one. */
+    struct evbuffer *out = bufferevent_get_output(s->bev);
+    size_t len = evbuffer_get_length(out);
+    if (len > 0 && len <= 16384)
+        evbuffer_pullup(out, -1);
 }
 
 /* Drops write interest once a plain socket's output is empty again (see out_kick). */
