@@ -136,6 +136,11 @@ typedef struct bw_exchange {
     bw_breaker_ticket ticket;
     char extra[192]; /* RateLimit-* and Retry-After lines added to the response head */
     size_t extra_len;
+    uint64_t rl_hash; /* rate-limit key, from ratelimit_prepare() */
+    const char *rl_key;
+    size_t rl_key_len;
+    bool rl_digest;
+    char rl_keytext[BW_CLIENTIP_TEXT_LEN];
 } bw_exchange;
 
 typedef struct bw_session {
@@ -184,12 +189,6 @@ static int64_t wall_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static struct timeval ms_tv(uint32_t ms)
-{
-    struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
-    return tv;
 }
 
 /* splitmix64: a cheap, well-mixed generator for request ids (not a secret, only unique). */
@@ -437,17 +436,14 @@ static void session_timer_cb(evutil_socket_t fd, short what, void *arg)
 
 static void arm_head_timer(bw_session *s, bool have_bytes)
 {
-    const bw_limits_conf *lim = &s->w->cfg->limits;
-    struct timeval tv;
     if (have_bytes || s->served == 0) {
         if (s->head_timer)
             return;
         s->head_timer = true;
-        tv = ms_tv(lim->header_timeout_ms);
+        evtimer_add(s->timer, s->w->tv_header);
     } else {
-        tv = ms_tv(lim->client_idle_timeout_ms);
+        evtimer_add(s->timer, s->w->tv_idle);
     }
-    evtimer_add(s->timer, &tv);
 }
 
 void bw_proxy_accept(bw_worker *w, int listener, evutil_socket_t fd, const struct sockaddr *sa,
@@ -536,8 +532,7 @@ void bw_proxy_accept(bw_worker *w, int listener, evutil_socket_t fd, const struc
         bufferevent_disable(s->bev, EV_WRITE);
     /* Bound what an idle or pipelining client can make us buffer before we read its head. */
     bufferevent_setwatermark(s->bev, EV_READ, 0, w->cfg->limits.max_header_bytes + 4096);
-    struct timeval idle = ms_tv(w->cfg->limits.client_idle_timeout_ms);
-    bufferevent_set_timeouts(s->bev, NULL, &idle);
+    bufferevent_set_timeouts(s->bev, NULL, w->tv_idle);
     bufferevent_enable(s->bev, s->tls ? EV_READ | EV_WRITE : EV_READ);
     arm_head_timer(s, false);
 }
@@ -648,8 +643,7 @@ static void session_next(bw_session *s)
     s->scanned = 0;
     memset(&s->req, 0, offsetof(bw_http_head, headers));
     s->req.n_headers = 0;
-    struct timeval idle = ms_tv(s->w->cfg->limits.client_idle_timeout_ms);
-    bufferevent_set_timeouts(s->bev, NULL, &idle);
+    bufferevent_set_timeouts(s->bev, NULL, s->w->tv_idle);
     bufferevent_setwatermark(s->bev, EV_READ, 0, s->w->cfg->limits.max_header_bytes + 4096);
     bufferevent_enable(s->bev, EV_READ);
     size_t pending = evbuffer_get_length(bufferevent_get_input(s->bev));
@@ -1021,44 +1015,50 @@ static uint64_t mono_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* Rate-limit admission: takes a token for the client's key or answers 429. */
-static bool admit_rate_limit(bw_session *s, bw_exchange *ex)
+/* Rate-limit key of a request, computed before admission so that the table entry can be
+ * prefetched while the upstream head is built. */
+static void ratelimit_prepare(bw_session *s, bw_exchange *ex)
 {
     bw_worker *w = s->w;
     const bw_config *cfg = w->cfg;
     const bw_ratelimit_conf *pc = &cfg->rate_limits[ex->route->rate_limit];
-    const bw_ratelimit_params *pp = &w->rl_params[ex->route->rate_limit];
     const bw_http_head *h = &s->req;
-    uint64_t hash;
-    const void *key;
-    size_t key_len;
-    bool digest;
-    bw_clientip ip;
     if (pc->key_kind == BW_RL_KEY_CLIENT_IP) {
         char xff[2048];
         size_t xl = joined_xff(h, xff, sizeof(xff));
+        bw_clientip ip;
         bw_clientip_key((const struct sockaddr *)&s->peer_sa, xl ? xff : NULL, xl,
                         cfg->trusted_proxies, cfg->n_trusted_proxies, pc->ipv6_prefix, &ip);
-        hash = bw_ratelimit_hash(&w->shm->hdr->rl_seed, ip.key, sizeof(ip.key));
-        key = ip.text; /* the fleet-wide name of the bucket in Redis */
-        key_len = strlen(ip.text);
-        digest = false;
+        ex->rl_hash = bw_ratelimit_hash(&w->shm->hdr->rl_seed, ip.key, sizeof(ip.key));
+        /* the fleet-wide name of the bucket in Redis */
+        size_t n = strlen(ip.text);
+        memcpy(ex->rl_keytext, ip.text, n + 1);
+        ex->rl_key = ex->rl_keytext;
+        ex->rl_key_len = n;
+        ex->rl_digest = false;
     } else {
         /* Requests without the header share one bucket (the empty key). */
-        const char *v = "";
-        size_t vl = 0;
+        ex->rl_key = "";
+        ex->rl_key_len = 0;
         for (size_t i = 0; i < h->n_headers; i++) {
             if (bw_http_name_eq(h->headers[i].name, h->headers[i].name_len, pc->key_header)) {
-                v = h->headers[i].value;
-                vl = h->headers[i].value_len;
+                ex->rl_key = h->headers[i].value;
+                ex->rl_key_len = h->headers[i].value_len;
                 break;
             }
         }
-        hash = bw_ratelimit_hash(&w->shm->hdr->rl_seed, v, vl);
-        key = v;
-        key_len = vl;
-        digest = true; /* header values may be secrets: only a digest goes to Redis */
+        ex->rl_hash = bw_ratelimit_hash(&w->shm->hdr->rl_seed, ex->rl_key, ex->rl_key_len);
+        ex->rl_digest = true; /* header values may be secrets: only a digest goes to Redis */
     }
+    bw_ratelimit_prefetch(w->rl, (uint32_t)pc->shm_slot, ex->rl_hash);
+}
+
+/* Rate-limit admission: takes a token for the client's key or answers 429. */
+static bool admit_rate_limit(bw_session *s, bw_exchange *ex)
+{
+    bw_worker *w = s->w;
+    const bw_ratelimit_conf *pc = &w->cfg->rate_limits[ex->route->rate_limit];
+    const bw_ratelimit_params *pp = &w->rl_params[ex->route->rate_limit];
     /* While Redis is unreachable, each instance may limit a key to its share of the fleet. */
     bw_ratelimit_params shared;
     uint32_t n = bw_ratelimit_fleet_share(w->rl);
@@ -1067,8 +1067,9 @@ static bool admit_rate_limit(bw_session *s, bw_exchange *ex)
         pp = &shared;
     }
     bw_ratelimit_result res;
-    bw_ratelimit_decision d = bw_ratelimit_take_fleet(w->rl, (uint32_t)pc->shm_slot, hash, key,
-                                                      key_len, digest, pp, mono_ns(), &res);
+    bw_ratelimit_decision d =
+        bw_ratelimit_take_fleet(w->rl, (uint32_t)pc->shm_slot, ex->rl_hash, ex->rl_key,
+                                ex->rl_key_len, ex->rl_digest, pp, mono_ns(), &res);
     add_extra(ex, "RateLimit-Limit", res.limit);
     add_extra(ex, "RateLimit-Remaining", res.remaining);
     add_extra(ex, "RateLimit-Reset", bw_ratelimit_ceil_seconds(res.reset_after_ns));
@@ -1208,8 +1209,8 @@ static void dispatch_request(bw_session *s)
     ex->route = r;
     ex->pool = &s->w->pools[r->upstream];
     ex->idempotent = bw_http_method_idempotent(h->method);
-    if (!admit(s, ex))
-        return;
+    if (r->rate_limit >= 0)
+        ratelimit_prepare(s, ex);
 
     ex->replay = evbuffer_new();
     if (!ex->replay) {
@@ -1221,6 +1222,10 @@ static void dispatch_request(bw_session *s)
         send_error(s, 500, "out of memory");
         return;
     }
+    /* Admission comes after the head is built only so that the rate-limit entry's cache miss
+     * overlaps that work; nothing has been sent anywhere yet. */
+    if (!admit(s, ex))
+        return;
 
     if (h->expect_continue && !ex->req_done && h->version_minor == 1) {
         /* We answer the expectation ourselves and strip it: the body is streamed anyway. */
@@ -1230,8 +1235,7 @@ static void dispatch_request(bw_session *s)
     /* While the body waits for the upstream connection, buffer at most BW_HIGH_WATER of it. */
     bufferevent_setwatermark(s->bev, EV_READ, 0, BW_HIGH_WATER);
     if (!ex->req_done) {
-        struct timeval idle = ms_tv(cfg->limits.client_idle_timeout_ms);
-        bufferevent_set_timeouts(s->bev, &idle, &idle);
+        bufferevent_set_timeouts(s->bev, s->w->tv_idle, s->w->tv_idle);
     }
     start_attempt(ex, NULL, true);
 }
@@ -1360,14 +1364,12 @@ static void request_body_done(bw_exchange *ex)
 {
     ex->req_done = true;
     if (ex->uc && ex->uc->connected && ex->rstate == RS_WAIT_HEAD) {
-        struct timeval rt = ms_tv(ex->pool->conf->response_timeout_ms);
-        bufferevent_set_timeouts(ex->uc->bev, &rt, &rt);
+        bufferevent_set_timeouts(ex->uc->bev, ex->pool->tv_response, ex->pool->tv_response);
     }
     /* Pipelined bytes may follow; keep them bounded until this exchange ends. */
     bw_session *s = ex->s;
     bufferevent_setwatermark(s->bev, EV_READ, 0, s->w->cfg->limits.max_header_bytes + 4096);
-    struct timeval idle = ms_tv(s->w->cfg->limits.client_idle_timeout_ms);
-    bufferevent_set_timeouts(s->bev, NULL, &idle);
+    bufferevent_set_timeouts(s->bev, NULL, s->w->tv_idle);
 }
 
 /* Bytes of a chunked body that form a prefix of valid encoding, fed across evbuffer segments. */
@@ -1465,8 +1467,8 @@ static void upstream_connected(bw_exchange *ex)
     uc->connected = true;
     if (ex->connect_ms < 0)
         ex->connect_ms = ms_since(&ex->t_attempt);
-    struct timeval rt = ms_tv(ex->pool->conf->response_timeout_ms);
-    bufferevent_set_timeouts(uc->bev, ex->req_done ? &rt : NULL, &rt);
+    const struct timeval *rt = ex->pool->tv_response;
+    bufferevent_set_timeouts(uc->bev, ex->req_done ? rt : NULL, rt);
     bufferevent_setwatermark(uc->bev, EV_WRITE, BW_LOW_WATER, 0);
     bufferevent_disable(uc->bev, EV_WRITE);
     bufferevent_enable(uc->bev, EV_READ);
@@ -1805,18 +1807,15 @@ static void read_response_head(bw_exchange *ex)
                 upstream_failed(ex, UF_INVALID);
             return;
         }
-        bw_http_head *r = malloc(sizeof(*r));
-        if (!r) {
-            upstream_failed(ex, UF_INVALID);
-            return;
-        }
+        /* The parsed head only lives until the client's head is written, within this call:
+         * one scratch struct per worker serves every response. */
+        bw_http_head *r = s->w->resp_head;
         bw_http_status st = bw_http_parse_response(p, head_len, BW_HTTP_MAX_HEADERS_HARD,
                                                    s->req.method, r);
         if (st != BW_HTTP_OK) {
             bw_log_warn(s->w->log, "upstream %s: server %s: invalid response head: %s",
                         ex->pool->conf->name, ex->server->conf->address,
                         r->error ? r->error : "?");
-            free(r);
             upstream_failed(ex, UF_INVALID);
             return;
         }
@@ -1824,7 +1823,6 @@ static void read_response_head(bw_exchange *ex)
             /* Interim responses: 100 is ours to send (we handled Expect), others are dropped;
              * 101 cannot happen since Upgrade is never forwarded, so treat it as invalid. */
             int code = r->status;
-            free(r);
             evbuffer_drain(in, head_len);
             ex->resp_scanned = 0;
             if (code == 101) {
@@ -1843,7 +1841,6 @@ static void read_response_head(bw_exchange *ex)
         if (r->framing == BW_BODY_CLOSE)
             ex->up_keepalive = false;
         bool written = write_response_head(ex, r);
-        free(r);
         if (!written) {
             upstream_failed(ex, UF_INVALID);
             return;

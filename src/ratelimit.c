@@ -211,6 +211,15 @@ static bw_rl_slot *slot_at(bw_ratelimit_table *t, uint32_t home, uint32_t i)
     return &t->slots[idx];
 }
 
+void bw_ratelimit_prefetch(bw_ratelimit_table *t, uint32_t policy_id, uint64_t key_hash)
+{
+    uint32_t home;
+    (void)key_tag(t, policy_id, key_hash, &home);
+    /* The probe window is a few consecutive cache lines (four 16-byte slots each). */
+    for (uint32_t i = 0; i < t->probe; i += 4)
+        __builtin_prefetch(slot_at(t, home, i), 1, 1);
+}
+
 /* Idle: a time-mode bucket that is full again. 0 (just claimed) and count mode never are. */
 static bool value_idle(uint64_t v, uint64_t now)
 {

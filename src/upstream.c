@@ -78,6 +78,16 @@ bw_upstream_pool *bw_upstream_pools_new(struct event_base *base, const bw_config
             p->servers[j].conf = &p->conf->servers[j];
             p->servers[j].pool = p;
         }
+        uint32_t ms[3] = {p->conf->connect_timeout_ms, p->conf->response_timeout_ms,
+                          p->conf->keepalive_timeout_ms};
+        const struct timeval **dst[3] = {&p->tv_connect, &p->tv_response, &p->tv_keepalive};
+        for (int k = 0; k < 3; k++) {
+            p->tv_plain[k].tv_sec = ms[k] / 1000;
+            p->tv_plain[k].tv_usec = (ms[k] % 1000) * 1000;
+            *dst[k] = event_base_init_common_timeout(base, &p->tv_plain[k]);
+            if (!*dst[k])
+                *dst[k] = &p->tv_plain[k];
+        }
     }
     return pools;
 }
@@ -168,10 +178,8 @@ static bw_upconn *connect_new(bw_server *server)
     }
     bufferevent_set_max_single_read(c->bev, 65536);
     bufferevent_set_max_single_write(c->bev, 65536);
-    struct timeval tv = {.tv_sec = pool->conf->connect_timeout_ms / 1000,
-                         .tv_usec = (pool->conf->connect_timeout_ms % 1000) * 1000};
     /* libevent applies the write timeout to a connect in progress. */
-    bufferevent_set_timeouts(c->bev, NULL, &tv);
+    bufferevent_set_timeouts(c->bev, NULL, pool->tv_connect);
     if (bufferevent_socket_connect(c->bev, (const struct sockaddr *)&a->ss, (int)a->len) < 0) {
         int saved = errno;
         upconn_free(c);
@@ -221,11 +229,10 @@ void bw_upstream_release(bw_upconn *c)
         s->idle_head->prev = c;
     s->idle_head = c;
     s->n_idle++;
-    struct timeval tv = {.tv_sec = uc->keepalive_timeout_ms / 1000,
-                         .tv_usec = (uc->keepalive_timeout_ms % 1000) * 1000};
+    const struct timeval *idle = s->pool->tv_keepalive;
     bufferevent_setwatermark(c->bev, EV_READ, 0, 0);
     bufferevent_setwatermark(c->bev, EV_WRITE, 0, 0);
-    bufferevent_set_timeouts(c->bev, &tv, NULL);
+    bufferevent_set_timeouts(c->bev, idle, NULL);
     bufferevent_setcb(c->bev, idle_read_cb, NULL, idle_event_cb, c);
     bufferevent_enable(c->bev, EV_READ);
 }

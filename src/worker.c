@@ -18,6 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "breakwater/http.h"
 #include "breakwater/proxy.h"
 
 static void drain_done_check(bw_worker *w)
@@ -164,13 +165,24 @@ int bw_worker_run(const bw_worker_args *args)
         return 1;
     }
     int rc = 1;
+    w.tv_header_plain.tv_sec = w.cfg->limits.header_timeout_ms / 1000;
+    w.tv_header_plain.tv_usec = (w.cfg->limits.header_timeout_ms % 1000) * 1000;
+    w.tv_idle_plain.tv_sec = w.cfg->limits.client_idle_timeout_ms / 1000;
+    w.tv_idle_plain.tv_usec = (w.cfg->limits.client_idle_timeout_ms % 1000) * 1000;
+    w.tv_header = event_base_init_common_timeout(w.base, &w.tv_header_plain);
+    w.tv_idle = event_base_init_common_timeout(w.base, &w.tv_idle_plain);
+    if (!w.tv_header)
+        w.tv_header = &w.tv_header_plain;
+    if (!w.tv_idle)
+        w.tv_idle = &w.tv_idle_plain;
     w.listeners = calloc(w.cfg->n_listeners, sizeof(*w.listeners));
     w.pools = bw_upstream_pools_new(w.base, w.cfg);
     w.rl_params = calloc(w.cfg->n_rate_limits ? w.cfg->n_rate_limits : 1, sizeof(*w.rl_params));
+    w.resp_head = malloc(sizeof(*w.resp_head));
     if (w.rl_params)
         for (size_t i = 0; i < w.cfg->n_rate_limits; i++)
             bw_ratelimit_params_from_conf(&w.cfg->rate_limits[i], &w.rl_params[i]);
-    if (!w.listeners || !w.pools || !w.rl_params) {
+    if (!w.listeners || !w.pools || !w.rl_params || !w.resp_head) {
         bw_log_error(w.log, "out of memory at start");
         goto out;
     }
@@ -212,6 +224,7 @@ out:
     }
     bw_upstream_pools_free(w.pools, w.cfg->n_upstreams);
     free(w.rl_params);
+    free(w.resp_head);
     struct event *evs[] = {w.ev_term, w.ev_int, w.ev_usr1, w.ev_hup, w.drain_timer, w.parent_timer};
     for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
         if (evs[i])

@@ -99,6 +99,10 @@ bw_ratelimit_decision bw_ratelimit_take(bw_ratelimit_table *t, uint32_t policy_i
  * year become BW_RATELIMIT_MAX_SECONDS. */
 uint64_t bw_ratelimit_ceil_seconds(uint64_t ns);
 
+/* Starts loading a key's probe window into the cache. A table far larger than the cache costs
+ * a miss per request; issued early, other work of the request hides most of it. */
+void bw_ratelimit_prefetch(bw_ratelimit_table *t, uint32_t policy_id, uint64_t key_hash);
+
 /* Seeded SipHash-2-4 of the key bytes: clients cannot choose keys that collide in the table. */
 uint64_t bw_ratelimit_hash(const bw_ratelimit_seed *seed, const void *data, size_t len);
 /* Fills a seed from the kernel's random source. Returns 0, or -1 (errno set). */

@@ -47,6 +47,9 @@ struct bw_upstream_pool {
     bw_server *servers;
     size_t n_servers;
     uint32_t rr_next;
+    /* This upstream's timeouts as libevent common timeouts (O(1) queues, not the heap). */
+    const struct timeval *tv_connect, *tv_response, *tv_keepalive;
+    struct timeval tv_plain[3];
 };
 
 /* Builds one pool per configured upstream. Returns an array of cfg->n_upstreams pools or NULL. */

@@ -22,6 +22,7 @@
 #include "breakwater/upstream.h"
 
 struct bw_session;
+struct bw_http_head;
 
 typedef struct bw_worker {
     struct event_base *base;
@@ -38,6 +39,11 @@ typedef struct bw_worker {
     int worker_slot;                /* this process's counters in the shared region */
     bw_ratelimit_table *rl;         /* the shared rate-limit table */
     bw_ratelimit_params *rl_params; /* per configured policy, computed once at start */
+    struct bw_http_head *resp_head; /* scratch for parsing upstream response heads */
+    /* Client timeouts as libevent "common timeouts": every connection uses the same durations,
+     * so they are kept in O(1) queues instead of the timer heap. */
+    const struct timeval *tv_header, *tv_idle;
+    struct timeval tv_header_plain, tv_idle_plain;
     struct bw_session *sessions; /* every open client connection */
     size_t n_sessions;
     bool draining;
