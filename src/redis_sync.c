@@ -129,13 +129,28 @@ typedef struct policy_ent {
     bw_ratelimit_params params;
 } policy_ent;
 
+/* One key of a rate-limit flush: which record it settles, and what was sent. */
+typedef struct rl_item {
+    uint32_t idx;
+    bool orphan;
+    uint64_t inc, cum;
+} rl_item;
+
 typedef struct cmd {
     struct bw_redis_sync *r;
     cmd_kind kind;
     uint32_t idx;
     bool orphan;
     uint64_t inc, cum, local_at;
+    rl_item *items; /* CMD_RL: the keys of the batch */
+    uint32_t n_items;
 } cmd;
+
+static void cmd_free(cmd *c)
+{
+    free(c->items);
+    free(c);
+}
 
 struct bw_redis_sync {
     struct event_base *base;
@@ -175,46 +190,56 @@ struct bw_redis_sync {
     uint64_t errors, rounds, skipped, connects, last_sync_wall_ms, pending;
     uint32_t live;
     uint64_t last_log_ms[ERR_KINDS], suppressed[ERR_KINDS];
+    struct rl_batch *batch; /* reused by every rate-limit round */
 };
 
-/* The rate-limit flush. ARGV: instance, incarnation, cumulative, acknowledged base, emission
- * interval in us (0: never refills), largest allowed lead in us, linger in ms. */
+/* The rate-limit flush, for one key or a batch of them. KEYS: the keys. ARGV: instance, then
+ * five values per key (incarnation, cumulative, acknowledged base, emission interval in us
+ * (0: never refills), largest allowed lead in us), then linger in ms. One key answers an
+ * integer (the fleet's lead in us, or the count taken), several an array of them. */
 static const char rl_script[] =
     "if redis.replicate_commands then redis.replicate_commands() end\n"
-    "local key, me, inc = KEYS[1], ARGV[1], ARGV[2]\n"
-    "local cum, prev = tonumber(ARGV[3]), tonumber(ARGV[4])\n"
-    "local interval, cap, linger = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])\n"
-    "local mine = redis.call('HGET', key, me)\n"
-    "if mine then\n"
-    "  local i, c = string.match(mine, '^(%d+):(%d+)$')\n"
-    "  if i == inc then prev = tonumber(c) end\n"
-    "end\n"
-    "local delta = cum - prev\n"
+    "local me, linger = ARGV[1], tonumber(ARGV[#ARGV])\n"
     "local t = redis.call('TIME')\n"
     "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
-    "local result, ttl\n"
-    "if interval > 0 then\n"
-    "  local tat = tonumber(redis.call('HGET', key, 'tat')) or 0\n"
-    "  if tat < now then tat = now end\n"
-    "  if delta > 0 then\n"
-    "    tat = tat + delta * interval\n"
-    "    if tat > now + cap then tat = now + cap end\n"
-    "    redis.call('HSET', key, 'tat', string.format('%.0f', tat))\n"
+    "local out = {}\n"
+    "for k = 1, #KEYS do\n"
+    "  local key, b = KEYS[k], 1 + (k - 1) * 5\n"
+    "  local inc = ARGV[b + 1]\n"
+    "  local cum, prev = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])\n"
+    "  local interval, cap = tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5])\n"
+    "  local mine = redis.call('HGET', key, me)\n"
+    "  if mine then\n"
+    "    local i, c = string.match(mine, '^(%d+):(%d+)$')\n"
+    "    if i == inc then prev = tonumber(c) end\n"
     "  end\n"
-    "  result = tat - now\n"
-    "  ttl = math.ceil(result / 1000) + linger\n"
-    "else\n"
-    "  local n = tonumber(redis.call('HGET', key, 'taken')) or 0\n"
-    "  if delta > 0 then\n"
-    "    n = n + delta\n"
-    "    redis.call('HSET', key, 'taken', string.format('%.0f', n))\n"
+    "  local delta = cum - prev\n"
+    "  local result, ttl\n"
+    "  if interval > 0 then\n"
+    "    local tat = tonumber(redis.call('HGET', key, 'tat')) or 0\n"
+    "    if tat < now then tat = now end\n"
+    "    if delta > 0 then\n"
+    "      tat = tat + delta * interval\n"
+    "      if tat > now + cap then tat = now + cap end\n"
+    "      redis.call('HSET', key, 'tat', string.format('%.0f', tat))\n"
+    "    end\n"
+    "    result = tat - now\n"
+    "    ttl = math.ceil(result / 1000) + linger\n"
+    "  else\n"
+    "    local n = tonumber(redis.call('HGET', key, 'taken')) or 0\n"
+    "    if delta > 0 then\n"
+    "      n = n + delta\n"
+    "      redis.call('HSET', key, 'taken', string.format('%.0f', n))\n"
+    "    end\n"
+    "    result = n\n"
+    "    ttl = linger\n"
     "  end\n"
-    "  result = n\n"
-    "  ttl = linger\n"
+    "  if delta > 0 then redis.call('HSET', key, me, inc .. ':' .. ARGV[b + 2]) end\n"
+    "  if redis.call('EXISTS', key) == 1 then redis.call('PEXPIRE', key, ttl) end\n"
+    "  out[k] = math.floor(result)\n"
     "end\n"
-    "if delta > 0 then redis.call('HSET', key, me, inc .. ':' .. ARGV[3]) end\n"
-    "if redis.call('EXISTS', key) == 1 then redis.call('PEXPIRE', key, ttl) end\n"
-    "return math.floor(result)\n";
+    "if #KEYS == 1 then return out[1] end\n"
+    "return out\n";
 
 /* The breaker write: only when newer than the stored record (by updated_at_ms, then
  * updated_by), announced on the events channel; answers the record as it now stands.
@@ -590,7 +615,7 @@ static bool send_argv(bw_redis_sync *r, cmd *c, int argc, const char **argv, con
 {
     if (r->ctx == NULL || r->closing ||
         redisAsyncCommandArgv(r->ctx, on_reply, c, argc, argv, lens) != REDIS_OK) {
-        free(c);
+        cmd_free(c);
         return false;
     }
     if (r->in_flight == 0)
@@ -947,35 +972,78 @@ static void retire(bw_redis_sync *r, rl_rec *rec)
     memset(rec, 0, sizeof(*rec));
 }
 
-static bool send_flush(bw_redis_sync *r, const rl_rec *rec, uint32_t idx, bool orphan)
+/* Keys per rate-limit script call: one call settles many keys, which keeps the per-command cost
+ * (formatting, a round trip through hiredis, script dispatch in Redis) off every key. */
+#define RL_BATCH_MAX 64
+
+typedef struct rl_batch {
+    uint32_t n;
+    rl_item items[RL_BATCH_MAX];
+    char keys[RL_BATCH_MAX][512];
+    char nums[RL_BATCH_MAX][5][40];
+} rl_batch;
+
+/* Sends the batch as one EVALSHA; returns false when nothing could be sent. */
+static bool batch_send(bw_redis_sync *r, rl_batch *b)
+{
+    if (b->n == 0)
+        return false;
+    enum { ARGC_MAX = 3 + RL_BATCH_MAX + 1 + 5 * RL_BATCH_MAX + 1 };
+    const char *a[ARGC_MAX];
+    size_t lens[ARGC_MAX];
+    char nkeys[16], linger[16];
+    snprintf(nkeys, sizeof(nkeys), "%u", b->n);
+    snprintf(linger, sizeof(linger), "%d", RL_LINGER_MS);
+    int argc = 0;
+    a[argc++] = "EVALSHA";
+    a[argc++] = r->sha_rl;
+    a[argc++] = nkeys;
+    for (uint32_t k = 0; k < b->n; k++)
+        a[argc++] = b->keys[k];
+    a[argc++] = r->id;
+    for (uint32_t k = 0; k < b->n; k++)
+        for (int f = 0; f < 5; f++)
+            a[argc++] = b->nums[k][f];
+    a[argc++] = linger;
+    for (int k = 0; k < argc; k++)
+        lens[k] = strlen(a[k]);
+    cmd *c = new_cmd(r, CMD_RL, 0);
+    if (c != NULL)
+        c->items = malloc(b->n * sizeof(*c->items));
+    if (c == NULL || c->items == NULL) {
+        if (c != NULL)
+            cmd_free(c);
+        b->n = 0;
+        return false;
+    }
+    memcpy(c->items, b->items, b->n * sizeof(*c->items));
+    c->n_items = b->n;
+    b->n = 0;
+    return send_argv(r, c, argc, a, lens);
+}
+
+/* Adds one key's flush to the batch. Returns true when a full batch was sent (one command). */
+static bool batch_add(bw_redis_sync *r, rl_batch *b, const rl_rec *rec, uint32_t idx, bool orphan)
 {
     const policy_ent *pe = policy_at(r, rec->policy_id);
-    char key[512], inc[24], cum[24], base[24], interval[40], cap[32], linger[16];
-    snprintf(key, sizeof(key), "%s:rate-limit:%s:%s", r->prefix, rec->policy, rec->key);
-    snprintf(inc, sizeof(inc), "%" PRIu64, rec->inc);
-    snprintf(cum, sizeof(cum), "%" PRIu64, rec->cum);
-    snprintf(base, sizeof(base), "%" PRIu64, rec->acked);
+    uint32_t k = b->n++;
+    snprintf(b->keys[k], sizeof(b->keys[k]), "%s:rate-limit:%s:%s", r->prefix, rec->policy,
+             rec->key);
     uint64_t iv_ns = pe != NULL ? pe->params.interval_ns : 0;
     uint32_t capn = pe != NULL ? pe->params.capacity : 1;
-    snprintf(interval, sizeof(interval), "%.3f", (double)iv_ns / 1000.0);
     /* The fleet's lead is bounded: by one full window per live instance, enough to carry a
      * burst that every instance admitted before hearing of the others, and no more, so tokens
      * delivered late (after a partition) cannot lock a client out for long. */
     uint32_t live = r->live > 0 ? r->live : 1;
-    snprintf(cap, sizeof(cap), "%.0f", (double)iv_ns / 1000.0 * capn * live);
-    snprintf(linger, sizeof(linger), "%d", RL_LINGER_MS);
-    const char *a[] = {"EVALSHA", r->sha_rl, "1",      key, r->id, inc,
-                       cum,       base,      interval, cap, linger};
-    cmd *c = new_cmd(r, CMD_RL, idx);
-    if (c == NULL)
+    snprintf(b->nums[k][0], sizeof(b->nums[k][0]), "%" PRIu64, rec->inc);
+    snprintf(b->nums[k][1], sizeof(b->nums[k][1]), "%" PRIu64, rec->cum);
+    snprintf(b->nums[k][2], sizeof(b->nums[k][2]), "%" PRIu64, rec->acked);
+    snprintf(b->nums[k][3], sizeof(b->nums[k][3]), "%.3f", (double)iv_ns / 1000.0);
+    snprintf(b->nums[k][4], sizeof(b->nums[k][4]), "%.0f", (double)iv_ns / 1000.0 * capn * live);
+    b->items[k] = (rl_item){.idx = idx, .orphan = orphan, .inc = rec->inc, .cum = rec->cum};
+    if (b->n < RL_BATCH_MAX)
         return false;
-    c->orphan = orphan;
-    c->inc = rec->inc;
-    c->cum = rec->cum;
-    size_t lens[11];
-    for (int k = 0; k < 11; k++)
-        lens[k] = strlen(a[k]);
-    return send_argv(r, c, 11, a, lens);
+    return batch_send(r, b);
 }
 
 /* Collects what the workers took and sends every undelivered amount, within budget commands.
@@ -984,6 +1052,15 @@ static void ratelimits_round(bw_redis_sync *r, uint32_t budget)
 {
     bw_ratelimit_table *t = rl_table(r);
     uint64_t pending = 0;
+    rl_batch *b = r->batch;
+    if (b == NULL) {
+        b = r->batch = calloc(1, sizeof(*b));
+        if (b == NULL) {
+            fail(r, ERR_OVERLOAD, "out of memory for a rate-limit batch");
+            return;
+        }
+    }
+    b->n = 0;
     if (t != NULL && r->rl != NULL) {
         uint32_t n = r->n_rl, start = r->cursor;
         uint64_t nm = mono_ms();
@@ -1027,7 +1104,7 @@ static void ratelimits_round(bw_redis_sync *r, uint32_t budget)
             bool pull = rec->tag != 0 && rec->active_ms != 0 && nm - rec->active_ms < pull_ms;
             if (rec->tag != 0 && (rec->cum > rec->acked || pull)) {
                 pending += rec->cum - rec->acked;
-                if (send_flush(r, rec, i, false))
+                if (batch_add(r, b, rec, i, false))
                     budget--;
             }
         }
@@ -1039,28 +1116,28 @@ static void ratelimits_round(bw_redis_sync *r, uint32_t budget)
         if (o->tag == 0)
             continue;
         pending += o->cum - o->acked;
-        if (budget > 0 && send_flush(r, o, i, true))
+        if (budget > 0 && batch_add(r, b, o, i, true))
             budget--;
     }
+    /* Keys already placed in the batch go now, even past the budget: one more command is
+     * harmless, and leaving them would delay them by a whole cycle of the table. */
+    (void)batch_send(r, b);
+    b->n = 0;
     r->pending = pending;
 }
 
-static void ratelimit_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
+/* Settles one key of a flush with the fleet's answer for it. */
+static void ratelimit_apply(bw_redis_sync *r, const rl_item *it, long long value)
 {
-    if (rep->type != REDIS_REPLY_INTEGER || rep->integer < 0) {
-        r->round_failed = true;
-        fail(r, ERR_REPLY, "unexpected reply to the rate-limit script");
+    rl_rec *rec = it->orphan ? (it->idx < ORPHANS_MAX ? &r->orphans[it->idx] : NULL)
+                             : (it->idx < r->n_rl ? &r->rl[it->idx] : NULL);
+    if (rec == NULL || rec->tag == 0 || rec->inc != it->inc)
         return;
+    if (it->cum > rec->acked) {
+        r->pending -= r->pending >= it->cum - rec->acked ? it->cum - rec->acked : r->pending;
+        rec->acked = it->cum;
     }
-    rl_rec *rec = c->orphan ? (c->idx < ORPHANS_MAX ? &r->orphans[c->idx] : NULL)
-                            : (c->idx < r->n_rl ? &r->rl[c->idx] : NULL);
-    if (rec == NULL || rec->tag == 0 || rec->inc != c->inc)
-        return;
-    if (c->cum > rec->acked) {
-        r->pending -= r->pending >= c->cum - rec->acked ? c->cum - rec->acked : r->pending;
-        rec->acked = c->cum;
-    }
-    if (c->orphan) {
+    if (it->orphan) {
         if (rec->acked >= rec->cum)
             memset(rec, 0, sizeof(*rec));
         return;
@@ -1069,10 +1146,26 @@ static void ratelimit_reply(bw_redis_sync *r, const cmd *c, const redisReply *re
     const policy_ent *pe = policy_at(r, rec->policy_id);
     if (t == NULL || pe == NULL)
         return;
-    uint64_t fleet = (uint64_t)rep->integer;
+    uint64_t fleet = (uint64_t)value;
     if (pe->params.interval_ns != 0)
         fleet = fleet > UINT64_MAX / 1000 ? UINT64_MAX : fleet * 1000;
-    bw_ratelimit_fleet_absorb(t, c->idx, rec->tag, &pe->params, mono_ns(), fleet);
+    bw_ratelimit_fleet_absorb(t, it->idx, rec->tag, &pe->params, mono_ns(), fleet);
+}
+
+static void ratelimit_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
+{
+    bool ok = c->n_items == 1 ? rep->type == REDIS_REPLY_INTEGER
+                              : rep->type == REDIS_REPLY_ARRAY && rep->elements == c->n_items;
+    for (size_t k = 0; ok && c->n_items > 1 && k < rep->elements; k++)
+        ok = rep->element[k]->type == REDIS_REPLY_INTEGER && rep->element[k]->integer >= 0;
+    if (!ok || (c->n_items == 1 && rep->integer < 0)) {
+        r->round_failed = true;
+        fail(r, ERR_REPLY, "unexpected reply to the rate-limit script");
+        return;
+    }
+    for (uint32_t k = 0; k < c->n_items; k++)
+        ratelimit_apply(r, &c->items[k],
+                        c->n_items == 1 ? rep->integer : rep->element[k]->integer);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -1149,12 +1242,12 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
         r->round_failed = true;
         if (c->kind == CMD_DEL && c->idx < r->n_br)
             r->br[c->idx].pending_del = true;
-        free(c);
+        cmd_free(c);
         return;
     }
     if (r->ctx == ac && !r->closing)
         handle_reply(r, c, reply);
-    free(c);
+    cmd_free(c);
     if (r->ctx != ac || r->closing || r->in_flight > 0)
         return;
     if (r->state == CONN_HANDSHAKE) {
@@ -1458,5 +1551,6 @@ void bw_redis_sync_free(bw_redis_sync *r)
     free(r->rl);
     free(r->url);
     free(r->prefix);
+    free(r->batch);
     free(r);
 }
