@@ -191,6 +191,10 @@ struct bw_redis_sync {
     uint32_t live;
     uint64_t last_log_ms[ERR_KINDS], suppressed[ERR_KINDS];
     struct rl_batch *batch; /* reused by every rate-limit round */
+    /* Per entry: its record needs a visit even with nothing pending (tokens not yet acknowledged,
+     * or used recently enough to keep pulling). The round's scan reads only this and the shared
+     * pending counts, not the records themselves (over 150 bytes each). */
+    uint8_t *rl_busy;
 };
 
 /* The rate-limit flush, for one key or a batch of them. KEYS: the keys. ARGV: instance, then
@@ -1070,11 +1074,15 @@ static void ratelimits_round(bw_redis_sync *r, uint32_t budget)
         bool stopped = false;
         for (uint32_t k = 0; k < n; k++) {
             uint32_t i = start + k < n ? start + k : start + k - n;
-            rl_rec *rec = &r->rl[i];
             uint32_t p = bw_ratelimit_fleet_pending(t, i);
-            if (p == 0 && rec->cum == rec->acked &&
-                (rec->active_ms == 0 || nm - rec->active_ms >= pull_ms))
+            if (p == 0 && !r->rl_busy[i])
                 continue;
+            rl_rec *rec = &r->rl[i];
+            if (p == 0 && rec->cum == rec->acked &&
+                (rec->active_ms == 0 || nm - rec->active_ms >= pull_ms)) {
+                r->rl_busy[i] = 0;
+                continue;
+            }
             if (stopped || budget == 0) {
                 if (!stopped)
                     r->cursor = i; /* the next round starts here, so every key gets its turn */
@@ -1107,6 +1115,7 @@ static void ratelimits_round(bw_redis_sync *r, uint32_t budget)
                 if (batch_add(r, b, rec, i, false))
                     budget--;
             }
+            r->rl_busy[i] = rec->tag != 0 && (rec->cum != rec->acked || pull);
         }
         if (!stopped)
             r->cursor = 0;
@@ -1437,12 +1446,14 @@ bw_redis_sync *bw_redis_sync_new(struct event_base *base, const bw_shm *shm, con
     if (t != NULL) {
         r->n_rl = bw_ratelimit_table_entries(t);
         r->rl = calloc(r->n_rl, sizeof(*r->rl));
+        r->rl_busy = calloc(r->n_rl, 1);
     }
     r->tick = event_new(base, -1, EV_PERSIST, on_tick, r);
     r->timeout = evtimer_new(base, on_timeout, r);
     r->retry = evtimer_new(base, on_retry, r);
     r->drop_ev = event_new(base, -1, 0, on_drop_event, r);
-    if (r->br == NULL || r->pol == NULL || (t != NULL && r->rl == NULL) || r->tick == NULL ||
+    if (r->br == NULL || r->pol == NULL || (t != NULL && (r->rl == NULL || r->rl_busy == NULL)) ||
+        r->tick == NULL ||
         r->timeout == NULL || r->retry == NULL || r->drop_ev == NULL) {
         bw_redis_sync_free(r);
         return NULL;
@@ -1549,6 +1560,7 @@ void bw_redis_sync_free(bw_redis_sync *r)
     free(r->br);
     free(r->pol);
     free(r->rl);
+    free(r->rl_busy);
     free(r->url);
     free(r->prefix);
     free(r->batch);
