@@ -150,37 +150,7 @@ fi
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/breakwater-bench.XXXXXX")"
 started=()
 
-# True while PID runs (a child that exited stays a zombie until waited for, so kill -0 is not enough).
-alive() {
-    local st
-    st="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
-    st="${st##*) }"
-    [ "${st%% *}" != Z ]
-}
-
-descendants() {
-    local kid
-    for kid in $(pgrep -P "$1" 2>/dev/null || true); do
-        echo "$kid"
-        descendants "$kid"
-    done
-}
-
-# Stops a process this script started: TERM, up to 5 s to exit, then KILL for it and for any
-# descendant (workers) left behind.
-stop_pid() {
-    local pid="$1" kids i k
-    alive "$pid" || { wait "$pid" 2>/dev/null || true; return 0; }
-    kids="$(descendants "$pid")"
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 50); do
-        alive "$pid" || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    for k in $kids; do kill -KILL "$k" 2>/dev/null || true; done
-}
+. "$here/lib.sh"
 
 cleanup() {
     local rc=$?
@@ -199,19 +169,6 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # --- ports ---------------------------------------------------------------------------------
-# Asks the kernel for free loopback ports, holding every socket until all are chosen so the
-# ports are distinct.
-free_ports() {
-    python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    socks.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-}
 read -r up_port bw_port bw_tls_port bw_admin_port ngx_port ngx_tls_port ha_port ha_tls_port \
     <<<"$(free_ports 8)"
 

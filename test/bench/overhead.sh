@@ -114,24 +114,7 @@ fi
 tmp="$(mktemp -d "${TMPDIR:-/tmp}/breakwater-overhead.XXXXXX")"
 started=()
 
-alive() {
-    local st
-    st="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
-    st="${st##*) }"
-    [ "${st%% *}" != Z ]
-}
-
-stop_pid() { # TERM, up to 5 s, then KILL (and KILL any child left behind)
-    local pid="$1" kids i k
-    kids="$(pgrep -P "$pid" 2>/dev/null || true)"
-    if alive "$pid"; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for i in $(seq 1 50); do alive "$pid" || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-    for k in $kids; do kill -KILL "$k" 2>/dev/null || true; done
-}
+. "$here/lib.sh"
 
 cleanup() {
     local rc=$? i
@@ -144,17 +127,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-free_ports() {
-    python3 - "$1" <<'EOF'
-import socket, sys
-held = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    held.append(s)
-print(" ".join(str(s.getsockname()[1]) for s in held))
-EOF
-}
 read -r up_port a_port a_admin b_port b_admin <<<"$(free_ports 5)"
 
 # Waits until URL answers 200.

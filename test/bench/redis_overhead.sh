@@ -87,22 +87,12 @@ fi
 work="$(mktemp -d "${TMPDIR:-/tmp}/breakwater-redis-overhead.XXXXXX")"
 pids=()
 
-running() { kill -0 "$1" 2>/dev/null; }
-
-finish() { # TERM, up to 5 s, then KILL
-    local pid="$1" n
-    if running "$pid"; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for n in $(seq 50); do running "$pid" || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
+. "$here/lib.sh"
 
 on_exit() {
     local rc=$? i
     trap - EXIT INT TERM
-    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do finish "${pids[$i]}"; done
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do stop_pid "${pids[$i]}"; done
     if [ "$keep" = 1 ]; then echo "redis_overhead.sh: kept $work" >&2; else rm -rf "$work"; fi
     exit "$rc"
 }
@@ -110,17 +100,12 @@ trap on_exit EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-read -r up_port redis_port on_port on_admin off_port off_admin <<<"$(python3 -c '
-import socket
-held = [socket.socket() for _ in range(6)]
-for s in held:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in held))')"
+read -r up_port redis_port on_port on_admin off_port off_admin <<<"$(free_ports 6)"
 
 await_200() { # what url pid logfile
     local n
     for n in $(seq 100); do
-        running "$3" || { tail -n 20 "$4" >&2; fail "$1 exited during start-up"; }
+        alive "$3" || { tail -n 20 "$4" >&2; fail "$1 exited during start-up"; }
         [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$2" 2>/dev/null)" = 200 ] && return 0
         sleep 0.1
     done
@@ -163,7 +148,7 @@ await_200 nginx "http://127.0.0.1:$up_port/" "${pids[-1]}" "$work/nginx/stderr.l
 pids+=($!)
 for n in $(seq 100); do
     [ "$(redis-cli -p "$redis_port" PING 2>/dev/null)" = PONG ] && break
-    running "${pids[-1]}" || fail "redis-server exited during start-up: $(tail -n 5 "$work/redis.log")"
+    alive "${pids[-1]}" || fail "redis-server exited during start-up: $(tail -n 5 "$work/redis.log")"
     sleep 0.1
 done
 [ "$(redis-cli -p "$redis_port" PING 2>/dev/null)" = PONG ] || fail "redis-server does not answer"
