@@ -1391,26 +1391,42 @@ static void parse_listener(vctx *c, const cJSON *item, const char *p, bw_listene
     }
 }
 
+/* A required, non-empty array (object == false) or object field of parent. Returns it with its
+ * size in *n, or NULL after reporting what is wrong: missing (with `example`, placed at the
+ * parent), of another type (`expected` names the right one), or empty (`empty`). */
+static const cJSON *required_collection(vctx *c, const cJSON *parent, const char *parent_path,
+                                        const char *name, const char *path, bool object,
+                                        const char *example, const char *expected,
+                                        const char *empty, size_t *n)
+{
+    char got[96];
+    const cJSON *v = field(parent, name);
+    if (v == NULL) {
+        verr_at(c, parent_path, 0, path, "required field is missing; %s", example);
+        return NULL;
+    }
+    if (object ? !cJSON_IsObject(v) : !cJSON_IsArray(v)) {
+        verr(c, path, "must be %s, got %s", expected, describe(v, got, sizeof got));
+        return NULL;
+    }
+    *n = (size_t)cJSON_GetArraySize(v);
+    if (*n == 0) {
+        verr(c, path, "%s", empty);
+        return NULL;
+    }
+    return v;
+}
+
 static void parse_listeners(vctx *c, const cJSON *root, bw_config *cfg)
 {
     char p[PATH_LEN], q[PATH_LEN], got[96];
-    const cJSON *arr = field(root, "listeners");
-    if (arr == NULL) {
-        verr_at(c, "", 0, "listeners",
-                "required field is missing; add at least one listener, "
-                "e.g. [{\"address\": \"0.0.0.0:8080\"}]");
+    size_t n;
+    const cJSON *arr = required_collection(
+        c, root, "", "listeners", "listeners", false,
+        "add at least one listener, e.g. [{\"address\": \"0.0.0.0:8080\"}]",
+        "an array of listener objects", "must contain at least one listener", &n);
+    if (arr == NULL)
         return;
-    }
-    if (!cJSON_IsArray(arr)) {
-        verr(c, "listeners", "must be an array of listener objects, got %s",
-             describe(arr, got, sizeof got));
-        return;
-    }
-    size_t n = (size_t)cJSON_GetArraySize(arr);
-    if (n == 0) {
-        verr(c, "listeners", "must contain at least one listener");
-        return;
-    }
     cfg->listeners = vcalloc(c, n, sizeof *cfg->listeners);
     if (cfg->listeners == NULL)
         return;
@@ -1626,20 +1642,11 @@ static void parse_upstream(vctx *c, const cJSON *u, const char *up, bw_upstream_
 
     const cJSON *servers = field(u, "servers");
     path_key(sp, sizeof sp, up, "servers");
-    if (servers == NULL) {
-        verr_at(c, up, 0, sp, "required field is missing; list at least one \"host:port\"");
+    size_t n;
+    if (required_collection(c, u, up, "servers", sp, false, "list at least one \"host:port\"",
+                            "an array of \"host:port\" strings",
+                            "must contain at least one server", &n) == NULL)
         return;
-    }
-    if (!cJSON_IsArray(servers)) {
-        verr(c, sp, "must be an array of \"host:port\" strings, got %s",
-             describe(servers, got, sizeof got));
-        return;
-    }
-    size_t n = (size_t)cJSON_GetArraySize(servers);
-    if (n == 0) {
-        verr(c, sp, "must contain at least one server");
-        return;
-    }
     if (n > BW_CONFIG_MAX_SERVERS) {
         verr(c, sp, "at most %d servers are allowed, got %zu", BW_CONFIG_MAX_SERVERS, n);
         return;
@@ -1679,23 +1686,13 @@ static void parse_upstream(vctx *c, const cJSON *u, const char *up, bw_upstream_
 static void parse_upstreams(vctx *c, const cJSON *root, bw_config *cfg)
 {
     char up[PATH_LEN], got[96];
-    const cJSON *obj = field(root, "upstreams");
-    if (obj == NULL) {
-        verr_at(c, "", 0, "upstreams",
-                "required field is missing; define at least one upstream, e.g. "
-                "{\"api\": {\"servers\": [\"127.0.0.1:9001\"]}}");
+    size_t n;
+    const cJSON *obj = required_collection(
+        c, root, "", "upstreams", "upstreams", true,
+        "define at least one upstream, e.g. {\"api\": {\"servers\": [\"127.0.0.1:9001\"]}}",
+        "an object mapping upstream names to upstreams", "must define at least one upstream", &n);
+    if (obj == NULL)
         return;
-    }
-    if (!cJSON_IsObject(obj)) {
-        verr(c, "upstreams", "must be an object mapping upstream names to upstreams, got %s",
-             describe(obj, got, sizeof got));
-        return;
-    }
-    size_t n = (size_t)cJSON_GetArraySize(obj);
-    if (n == 0) {
-        verr(c, "upstreams", "must define at least one upstream");
-        return;
-    }
     cfg->upstreams = vcalloc(c, n, sizeof *cfg->upstreams);
     if (cfg->upstreams == NULL)
         return;
@@ -1934,23 +1931,13 @@ static void parse_route(vctx *c, const cJSON *o, const char *rp, bw_config *cfg,
 static void parse_routes(vctx *c, const cJSON *root, bw_config *cfg)
 {
     char rp[PATH_LEN], got[96];
-    const cJSON *arr = field(root, "routes");
-    if (arr == NULL) {
-        verr_at(c, "", 0, "routes",
-                "required field is missing; add at least one route, e.g. "
-                "[{\"path_prefix\": \"/\", \"upstream\": \"api\"}]");
+    size_t n;
+    const cJSON *arr = required_collection(
+        c, root, "", "routes", "routes", false,
+        "add at least one route, e.g. [{\"path_prefix\": \"/\", \"upstream\": \"api\"}]",
+        "an array of route objects", "must contain at least one route", &n);
+    if (arr == NULL)
         return;
-    }
-    if (!cJSON_IsArray(arr)) {
-        verr(c, "routes", "must be an array of route objects, got %s",
-             describe(arr, got, sizeof got));
-        return;
-    }
-    size_t n = (size_t)cJSON_GetArraySize(arr);
-    if (n == 0) {
-        verr(c, "routes", "must contain at least one route");
-        return;
-    }
     cfg->routes = vcalloc(c, n, sizeof *cfg->routes);
     if (cfg->routes == NULL)
         return;
