@@ -21,26 +21,10 @@
 
 #include "breakwater/metrics.h"
 
+#include "support.h"
+
 #define NOW_MS UINT64_C(5000000)
 #define WALL_MS UINT64_C(1700000000000)
-
-static const char *no_env(const char *name)
-{
-    (void)name;
-    return NULL;
-}
-
-static bw_config *parse(const char *text)
-{
-    bw_diag d;
-    bw_diag_init(&d);
-    bw_config *cfg = bw_config_parse(text, strlen(text), "test.json", no_env, &d);
-    for (size_t i = 0; i < d.count; i++)
-        fprintf(stderr, "%s\n", d.lines[i]);
-    bw_diag_free(&d);
-    assert_non_null(cfg);
-    return cfg;
-}
 
 static const char BASE[] =
     "{\"workers\": 2, \"rate_limit_table_size\": 1024,"
@@ -63,7 +47,7 @@ typedef struct fixture {
 static int setup(void **state)
 {
     fixture *f = calloc(1, sizeof(*f));
-    f->cfg = parse(BASE);
+    f->cfg = bw_test_parse_config(BASE);
     char err[256];
     if (bw_shm_create(&f->shm, f->cfg, err, sizeof err) != 0 ||
         bw_shm_bind(&f->shm, f->cfg, 1, NOW_MS, err, sizeof err) != 0) {
@@ -300,7 +284,7 @@ static void test_series_survive_reload(void **state)
     bw_metrics_upstream_error(&f->shm, 0, web, BW_UPERR_TIMEOUT);
 
     /* Reload: route "r" and upstream "web" are gone. */
-    bw_config *next = parse("{\"listeners\": [{\"address\": \"127.0.0.1:8080\"}],"
+    bw_config *next = bw_test_parse_config("{\"listeners\": [{\"address\": \"127.0.0.1:8080\"}],"
                             " \"upstreams\": {\"api\": {\"servers\": [\"127.0.0.1:9001\"]}},"
                             " \"routes\": [{\"path_prefix\": \"/\", \"upstream\": \"api\"}]}");
     char err[256];

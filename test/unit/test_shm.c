@@ -21,25 +21,9 @@
 
 #include "breakwater/shm.h"
 
+#include "support.h"
+
 #define NOW 1000000u
-
-static const char *no_env(const char *name)
-{
-    (void)name;
-    return NULL;
-}
-
-static bw_config *parse(const char *text)
-{
-    bw_diag d;
-    bw_diag_init(&d);
-    bw_config *cfg = bw_config_parse(text, strlen(text), "test.json", no_env, &d);
-    for (size_t i = 0; i < d.count; i++)
-        fprintf(stderr, "%s\n", d.lines[i]);
-    bw_diag_free(&d);
-    assert_non_null(cfg);
-    return cfg;
-}
 
 /* A configuration with upstreams named by names[0..n-1], one route to the first of them. */
 static bw_config *config_with_upstreams(const char *const *names, size_t n)
@@ -56,7 +40,7 @@ static bw_config *config_with_upstreams(const char *const *names, size_t n)
     snprintf(text + off, sizeof text - off,
              "}, \"routes\": [{\"path_prefix\": \"/\", \"name\": \"main\", \"upstream\": \"%s\"}]}",
              names[0]);
-    return parse(text);
+    return bw_test_parse_config(text);
 }
 
 static const char BASE[] =
@@ -105,7 +89,7 @@ static uint64_t sum_requests(const bw_shm *shm, int route_slot, int status)
 static void test_layout(void **state)
 {
     (void)state;
-    bw_config *cfg = parse(BASE);
+    bw_config *cfg = bw_test_parse_config(BASE);
     bw_shm shm = make_region(cfg);
     const bw_shm_header *h = shm.hdr;
 
@@ -164,7 +148,7 @@ static void test_layout(void **state)
 static void test_fleet_table_with_redis(void **state)
 {
     (void)state;
-    bw_config *plain = parse(BASE);
+    bw_config *plain = bw_test_parse_config(BASE);
     bw_shm a = make_region(plain);
     assert_false(bw_ratelimit_fleet_enabled(bw_shm_ratelimit(&a)));
 
@@ -172,7 +156,7 @@ static void test_fleet_table_with_redis(void **state)
     char text[sizeof BASE + 128];
     snprintf(text, sizeof text, "%.*s, \"redis\": {\"url\": \"redis://127.0.0.1:6379/0\"}}",
              (int)strlen(BASE) - 1, BASE);
-    bw_config *cfg = parse(text);
+    bw_config *cfg = bw_test_parse_config(text);
     bw_shm b = make_region(cfg);
     const bw_shm_header *h = b.hdr;
     assert_true(bw_ratelimit_fleet_enabled(bw_shm_ratelimit(&b)));
@@ -210,7 +194,7 @@ static void test_headroom_scales(void **state)
 static void test_bind_records_names(void **state)
 {
     (void)state;
-    bw_config *cfg = parse(BASE);
+    bw_config *cfg = bw_test_parse_config(BASE);
     bw_shm shm = make_region(cfg);
 
     int api = cfg->upstreams[bw_config_find_upstream(cfg, "api")].shm_slot;
@@ -371,7 +355,7 @@ static void test_long_names(void **state)
              " \"routes\": [{\"path_prefix\": \"/a\", \"name\": \"%s\", \"upstream\": \"api\"},"
              "              {\"path_prefix\": \"/b\", \"name\": \"%s\", \"upstream\": \"api\"}]}",
              n1, n2);
-    bw_config *cfg = parse(text);
+    bw_config *cfg = bw_test_parse_config(text);
     bw_shm shm = make_region(cfg);
     assert_int_not_equal(cfg->routes[0].shm_slot, cfg->routes[1].shm_slot);
     const char *stored = bw_shm_route_at(&shm, cfg->routes[0].shm_slot)->id.name;
@@ -390,7 +374,7 @@ static void test_long_names(void **state)
 static void test_worker_acquire_release(void **state)
 {
     (void)state;
-    bw_config *cfg = parse(BASE);
+    bw_config *cfg = bw_test_parse_config(BASE);
     bw_shm shm = make_region(cfg);
     uint32_t n = shm.hdr->n_worker_slots;
     int lis = cfg->listeners[0].shm_slot;
@@ -426,7 +410,7 @@ static void test_worker_acquire_release(void **state)
 static void test_counter_updates(void **state)
 {
     (void)state;
-    bw_config *cfg = parse(BASE);
+    bw_config *cfg = bw_test_parse_config(BASE);
     bw_shm shm = make_region(cfg);
     int route = cfg->routes[0].shm_slot, up = cfg->upstreams[0].shm_slot;
     int pol = cfg->rate_limits[0].shm_slot;
@@ -499,7 +483,7 @@ static void child_count(bw_shm *shm, int route, int up, int n)
 static void test_forked_counters(void **state)
 {
     (void)state;
-    bw_config *cfg = parse(BASE);
+    bw_config *cfg = bw_test_parse_config(BASE);
     bw_shm shm = make_region(cfg);
     int route = cfg->routes[1].shm_slot, up = cfg->upstreams[1].shm_slot;
 
@@ -532,7 +516,7 @@ static void test_forked_counters(void **state)
 static void test_killed_worker_leaves_region_usable(void **state)
 {
     (void)state;
-    bw_config *cfg = parse(BASE);
+    bw_config *cfg = bw_test_parse_config(BASE);
     bw_shm shm = make_region(cfg);
     int route = cfg->routes[0].shm_slot, up = cfg->upstreams[0].shm_slot;
     int lis = cfg->listeners[0].shm_slot;
