@@ -36,6 +36,8 @@
 #include "breakwater/redis_sync.h"
 #include "breakwater/shm.h"
 
+#include "support.h"
+
 #define CLIENT "198.51.100.7"
 
 /* ---- a redis-server of our own ---- */
@@ -221,14 +223,7 @@ static bw_config *make_config(const char *url)
              " \"redis\": {\"url\": \"%s\", \"key_prefix\": \"bwtest\", \"sync_interval_ms\": 50,"
              "   \"connect_timeout_ms\": 300, \"command_timeout_ms\": 300}}",
              url);
-    bw_diag d;
-    bw_diag_init(&d);
-    bw_config *cfg = bw_config_parse(text, strlen(text), "test.json", NULL, &d);
-    for (size_t i = 0; i < d.count; i++)
-        fprintf(stderr, "%s\n", d.lines[i]);
-    bw_diag_free(&d);
-    assert_non_null(cfg);
-    return cfg;
+    return bw_test_parse_config(text);
 }
 
 static void instance_start(instance *in, const char *url, const char *id)
