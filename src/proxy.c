@@ -96,7 +96,8 @@ typedef struct bw_exchange {
     bool req_started;  /* body bytes have been forwarded */
     uint64_t bytes_in; /* request body bytes read from the client */
     uint64_t req_decoded; /* decoded bytes of a chunked request body (for max_body_bytes) */
-    struct evbuffer *replay; /* head + body sent so far, while it fits in BW_REPLAY_MAX */
+    struct evbuffer *replay; /* head + body sent so far, while it fits in BW_REPLAY_MAX;
+                              * the session's buffer, NULL once the request outgrew it */
     bool replayable;
     bool idempotent;
     /* upstream */
@@ -160,6 +161,7 @@ typedef struct bw_session {
     bool close_after;
     bool clean_close; /* the last response was complete: a TLS close_notify may be sent */
     char *head; /* copy of the current request head; the parsed head points into it */
+    struct evbuffer *replay_buf; /* lent to each exchange as ex->replay, drained in between */
     size_t head_cap;
     bw_exchange ex;
     bw_http_head req; /* kept out of ex so that resetting ex stays cheap */
@@ -505,13 +507,16 @@ void bw_proxy_accept(bw_worker *w, int listener, evutil_socket_t fd, const struc
         s->bev = bufferevent_socket_new(w->base, fd, BEV_OPT_CLOSE_ON_FREE);
     }
     s->timer = evtimer_new(w->base, session_timer_cb, s);
-    if (!s->bev || !s->timer) {
+    s->replay_buf = evbuffer_new();
+    if (!s->bev || !s->timer || !s->replay_buf) {
         if (s->bev)
             bufferevent_free(s->bev);
         else
             evutil_closesocket(fd);
         if (s->timer)
             event_free(s->timer);
+        if (s->replay_buf)
+            evbuffer_free(s->replay_buf);
         free(s);
         return;
     }
@@ -552,9 +557,8 @@ static void exchange_release_upstream(bw_exchange *ex, bool reusable)
 static void exchange_clear(bw_exchange *ex)
 {
     exchange_release_upstream(ex, false);
-    if (ex->replay)
-        evbuffer_free(ex->replay);
     bw_session *s = ex->s;
+    evbuffer_drain(s->replay_buf, evbuffer_get_length(s->replay_buf));
     memset(ex, 0, sizeof(*ex));
     ex->s = s;
 }
@@ -585,6 +589,7 @@ static void session_free(bw_session *s)
         bufferevent_free(s->bev);
     event_free(s->timer);
     free(s->head);
+    evbuffer_free(s->replay_buf);
     free(s);
     bw_worker_session_closed(w);
 }
@@ -1212,11 +1217,7 @@ static void dispatch_request(bw_session *s)
     if (r->rate_limit >= 0)
         ratelimit_prepare(s, ex);
 
-    ex->replay = evbuffer_new();
-    if (!ex->replay) {
-        send_error(s, 500, "out of memory");
-        return;
-    }
+    ex->replay = s->replay_buf;
     ex->replayable = true;
     if (!build_upstream_head(s, ex, auth, auth_len, path, path_len)) {
         send_error(s, 500, "out of memory");
@@ -1350,7 +1351,7 @@ static void add_upstream(bw_exchange *ex, struct evbuffer *out, struct evbuffer 
             }
         } else {
             ex->replayable = false;
-            evbuffer_free(ex->replay);
+            evbuffer_drain(ex->replay, evbuffer_get_length(ex->replay));
             ex->replay = NULL;
         }
     }

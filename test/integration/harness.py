@@ -1175,6 +1175,17 @@ _all_breakwaters = []
 _instance_counter = itertools.count(1)
 
 
+def pid_running(pid):
+    """True while the process exists and is not a zombie (a zombie has already exited)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # The command name is in parentheses and may contain spaces: the state follows the last ')'.
+    return stat[stat.rindex(")") + 2] not in ("Z", "X")
+
+
 class Breakwater:
     """Runs the proxy with a configuration dict. Use as a context manager or call start()/stop().
     stderr and stdout of the master go to files in tmp_path; unless the configuration sets
@@ -1333,6 +1344,10 @@ class Breakwater:
         return "http://127.0.0.1:%d%s" % (self.listener_port(listener), path)
 
     # -- processes -----------------------------------------------------------------------------
+    def live_worker_pids(self):
+        """PIDs of the master's children that are running (not exited zombies), sorted."""
+        return sorted(p for p in self.worker_pids() if pid_running(p))
+
     def worker_pids(self):
         """PIDs of the master's child processes."""
         if self.proc is None:

@@ -459,7 +459,7 @@ def test_kill_9_of_a_worker_keeps_breaker_state_and_counters(upstream_factory,
         os.kill(victim, signal.SIGKILL)
         served_before_kill = traffic.total(200)
         harness.wait_until(
-            lambda: len([p for p in bw.worker_pids() if p != victim and _alive(p)]) == 2,
+            lambda: len([p for p in bw.worker_pids() if p != victim and harness.pid_running(p)]) == 2,
             10 * SLOW, message="the killed worker to be replaced")
         mark = traffic.total(200)
         harness.wait_until(lambda: traffic.total(200) >= mark + 30, 20 * SLOW,
@@ -507,15 +507,6 @@ def test_kill_9_of_a_worker_keeps_breaker_state_and_counters(upstream_factory,
     assert len(bad.all_requests) == n
     assert harness.metric_sum(harness.scrape(bw), "breakwater_circuit_breaker_state",
                               upstream="bad") == 2
-
-
-def _alive(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] not in ("Z", "X")
 
 
 # -- other triggers, environment, reload -----------------------------------------------------

@@ -48,12 +48,6 @@ def proc_state(pid):
     return stat[stat.rindex(")") + 2]
 
 
-def is_running(pid):
-    """True while the process exists and is not a zombie (a zombie has already exited)."""
-    state = proc_state(pid)
-    return state is not None and state not in ("Z", "X")
-
-
 def assert_stays_up(bw, when, grace=0.5):
     """The master is still running, and does not exit within a short grace period either."""
     exited, _ = wait_for(lambda: bw.proc.poll() is not None, grace)
@@ -68,7 +62,7 @@ def parent_pid(pid):
 
 
 def running_workers(bw):
-    return sorted(p for p in bw.worker_pids() if is_running(p))
+    return bw.live_worker_pids()
 
 
 def wait_workers(bw, count, timeout=10.0 * SLOW, exclude=()):
@@ -218,7 +212,7 @@ class Hammer(threading.Thread):
 def kill_leftovers(pids):
     """Last resort after a failed test: no worker of ours may outlive it."""
     for pid in pids:
-        if is_running(pid):
+        if harness.pid_running(pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -416,9 +410,9 @@ def test_workers_exit_when_master_is_killed(upstream, breakwater_factory):
     try:
         os.kill(bw.proc.pid, signal.SIGKILL)
         bw.proc.wait(timeout=10)
-        gone, elapsed = wait_for(lambda: not any(is_running(p) for p in workers), 5.0 * SLOW)
+        gone, elapsed = wait_for(lambda: not any(harness.pid_running(p) for p in workers), 5.0 * SLOW)
         assert gone, "workers still running %.1f s after the master died: %s" % (
-            elapsed, [p for p in workers if is_running(p)])
+            elapsed, [p for p in workers if harness.pid_running(p)])
         assert probe_listener(bw.listener_port()) == "refused", (
             "listener still accepts after master and workers are gone")
     finally:
@@ -447,8 +441,8 @@ def test_idle_proxy_exits_promptly_with_code_0(upstream, breakwater_factory, sig
         assert elapsed < 5.0 * SLOW, (
             "with nothing in flight the master took %.1f s to exit; it must not wait out "
             "shutdown_timeout_ms (30 s)" % elapsed)
-        gone, _ = wait_for(lambda: not any(is_running(p) for p in workers), 5 * SLOW)
-        assert gone, "workers outlived the master: %s" % [p for p in workers if is_running(p)]
+        gone, _ = wait_for(lambda: not any(harness.pid_running(p) for p in workers), 5 * SLOW)
+        assert gone, "workers outlived the master: %s" % [p for p in workers if harness.pid_running(p)]
     finally:
         kill_leftovers(workers)
 
@@ -498,8 +492,8 @@ def test_sigterm_drains_in_flight_request(upstream_factory, breakwater_factory):
         exited = time.monotonic() - sent
         assert code == 0, "master exit code after drain: %s" % code
         assert exited < limit, "master took %.1f s to exit" % exited
-        gone, _ = wait_for(lambda: not any(is_running(p) for p in workers), 5 * SLOW)
-        assert gone, "workers outlived the master: %s" % [p for p in workers if is_running(p)]
+        gone, _ = wait_for(lambda: not any(harness.pid_running(p) for p in workers), 5 * SLOW)
+        assert gone, "workers outlived the master: %s" % [p for p in workers if harness.pid_running(p)]
     finally:
         kill_leftovers(workers)
 
@@ -528,8 +522,8 @@ def test_sigterm_gives_up_after_shutdown_timeout(upstream_factory, breakwater_fa
         assert elapsed <= limit, (
             "master exited %.1f s after SIGTERM; shutdown_timeout_ms is 1 s (allowed %.0f s)"
             % (elapsed, limit))
-        gone, _ = wait_for(lambda: not any(is_running(p) for p in workers), 5 * SLOW)
-        assert gone, "workers outlived the master: %s" % [p for p in workers if is_running(p)]
+        gone, _ = wait_for(lambda: not any(harness.pid_running(p) for p in workers), 5 * SLOW)
+        assert gone, "workers outlived the master: %s" % [p for p in workers if harness.pid_running(p)]
         # The abandoned client is not left hanging either: its connection ends.
         inflight.outcome(10)
     finally:
