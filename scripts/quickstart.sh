@@ -3,10 +3,13 @@
 # examples/breakwater.json with a demo upstream, so that this works at once:
 #   curl -i http://127.0.0.1:8080/
 # Stop both with: scripts/quickstart.sh stop
+#
+# BW_QUICKSTART_BUILD names another build directory (default: build).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-run=$root/build/quickstart
+build=${BW_QUICKSTART_BUILD:-build}
+run=$build/quickstart
 mkdir -p "$run"
 
 stop() {
@@ -24,14 +27,14 @@ if [ "${1:-}" = stop ]; then
 fi
 
 scripts/deps.sh build
-[ -f build/build.ninja ] || meson setup build
-ninja -C build
+[ -f "$build/build.ninja" ] || meson setup "$build"
+ninja -C "$build"
 stop
 
 python3 examples/demo_upstream.py 127.0.0.1 9001 >"$run/upstream.log" 2>&1 &
 echo $! >"$run/upstream.pid"
-build/breakwater -t -c examples/breakwater.json
-build/breakwater -c examples/breakwater.json >"$run/access.log" 2>"$run/error.log" &
+"$build/breakwater" -t -c examples/breakwater.json
+"$build/breakwater" -c examples/breakwater.json >"$run/access.log" 2>"$run/error.log" &
 echo $! >"$run/breakwater.pid"
 
 for _ in $(seq 1 100); do
