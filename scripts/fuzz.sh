@@ -23,7 +23,7 @@ fi
 if [ $# -gt 0 ]; then
     targets="$*"
 else
-    targets="fuzz_request fuzz_response fuzz_chunked"
+    targets="fuzz_request fuzz_response fuzz_chunked fuzz_xff fuzz_config"
 fi
 
 for t in $targets; do
@@ -35,7 +35,9 @@ for t in $targets; do
     mkdir -p "$work"
     cp -n test/fuzz/corpus/"$t"/* "$work"/ 2>/dev/null || true
     echo "== $t: ${time_each}s"
-    set -- -max_total_time="$time_each" -dict=test/fuzz/http.dict -max_len=4096 \
+    dict=test/fuzz/$t.dict
+    [ -f "$dict" ] || dict=test/fuzz/http.dict
+    set -- -max_total_time="$time_each" -dict="$dict" -max_len=4096 \
         -print_final_stats=1
     if [ "$jobs" -gt 1 ]; then
         set -- "$@" -fork="$jobs"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs what the tests need, then builds and runs the whole suite twice: in a normal build
 # and in an AddressSanitizer + UndefinedBehaviorSanitizer build. Unit and fuzz-replay tests run
-# under meson (cmocka), integration tests under pytest against real processes.
+# under meson (cmocka), integration tests under pytest against real processes. Last, the libFuzzer
+# targets are built with clang and each runs for FUZZ_TIME seconds (default 20).
 #
 #   scripts/test.sh                 everything
 #   scripts/test.sh -k reload       pass extra arguments to pytest
 #   BW_SKIP_ASAN=1 scripts/test.sh  normal build only (quicker, while developing)
+#   BW_SKIP_FUZZ=1 scripts/test.sh  without the clang fuzzer build and its smoke run
 #
 # Ends with one line "N passed, N failed" and exits non-zero on any failure.
 set -uo pipefail
@@ -44,6 +46,30 @@ run_suite() { # dir, label, sanitized(0/1), pytest args...
     [ $rc -ne 0 ] && status=1
 }
 
+# Records one shell step as a JUnit test case, so it counts in the closing line.
+record_step() { # name, command...
+    local name=$1 log="$results/step-$1.log" rc
+    shift
+    "$@" >"$log" 2>&1
+    rc=$?
+    python3 - "$results/step-$name.xml" "$name" "$rc" "$log" <<'PY'
+import sys
+from xml.sax.saxutils import escape
+out, name, rc, log = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+body = ""
+if rc != 0:
+    text = open(log, errors="replace").read()[-20000:]
+    body = '<failure message="exit %d">%s</failure>' % (rc, escape(text))
+open(out, "w").write('<testsuite name="steps"><testcase classname="steps" name="%s">%s</testcase>'
+                     '</testsuite>\n' % (escape(name), body))
+PY
+    if [ $rc -ne 0 ]; then
+        echo "step $name failed:"
+        tail -n 40 "$log"
+        status=1
+    fi
+}
+
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0:halt_on_error=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 
@@ -60,6 +86,12 @@ if [ -z "${BW_SKIP_ASAN:-}" ]; then
         echo "sanitizer build failed"
         status=1
     fi
+fi
+
+if [ -z "${BW_SKIP_FUZZ:-}" ]; then
+    # The fuzzers keep compiling with clang, and each runs briefly from its seed corpus.
+    echo "=== clang build and fuzz smoke run"
+    record_step fuzz-smoke env FUZZ_TIME="${FUZZ_TIME:-20}" scripts/fuzz.sh
 fi
 
 python3 - "$results" "$status" <<'PY'
