@@ -25,7 +25,8 @@ static void init_trusted(void)
 {
     if (n_trusted != 0)
         return;
-    if (bw_cidr_parse("127.0.0.0/8", &trusted[0]) != 0 || bw_cidr_parse("10.0.0.0/8", &trusted[1]) != 0 ||
+    if (bw_cidr_parse("127.0.0.0/8", &trusted[0]) != 0 ||
+        bw_cidr_parse("10.0.0.0/8", &trusted[1]) != 0 ||
         bw_cidr_parse("fd00::/8", &trusted[2]) != 0)
         abort();
     n_trusted = 3;
