@@ -1855,8 +1855,8 @@ static bool route_shadows(const bw_route_conf *a, const bw_route_conf *b)
 
 static void parse_route(vctx *c, const cJSON *o, const char *rp, bw_config *cfg, bw_route_conf *r)
 {
-    static const char *const fields[] = {"host",     "path_prefix", "name",
-                                         "upstream", "rate_limit",  NULL};
+    static const char *const fields[] = {"host",       "path_prefix", "name",           "upstream",
+                                         "rate_limit", "case_sensitive", NULL};
     char fp[PATH_LEN], known[512];
     const char *names[64];
 
@@ -1889,6 +1889,8 @@ static void parse_route(vctx *c, const cJSON *o, const char *rp, bw_config *cfg,
         r->path_prefix = vstrdup(c, prefix ? prefix : "/");
     if (r->path_prefix)
         r->path_prefix_len = strlen(r->path_prefix);
+    r->case_sensitive = true;
+    get_bool(c, o, rp, "case_sensitive", &r->case_sensitive);
 
     const char *name = get_string(c, o, rp, "name", false);
     if (name != NULL) {

@@ -43,6 +43,7 @@
 #include "breakwater/breaker.h"
 #include "breakwater/clientip.h"
 #include "breakwater/http.h"
+#include "breakwater/path.h"
 #include "breakwater/log.h"
 #include "breakwater/probes.h"
 #include "breakwater/ratelimit.h"
@@ -707,7 +708,10 @@ static const bw_route_conf *match_route(const bw_config *cfg, const char *host, 
             if (hl != host_len || strncasecmp(r->host, host, hl) != 0)
                 continue;
         }
-        if (r->path_prefix_len > path_len || memcmp(r->path_prefix, path, r->path_prefix_len) != 0)
+        if (r->path_prefix_len > path_len)
+            continue;
+        if (r->case_sensitive ? memcmp(r->path_prefix, path, r->path_prefix_len) != 0
+                              : strncasecmp(r->path_prefix, path, r->path_prefix_len) != 0)
             continue;
         return r;
     }
@@ -742,17 +746,34 @@ static void split_target(const bw_http_head *h, const char **auth, size_t *auth_
     *path_len = n;
 }
 
-/* Host without the port, for route matching. */
-static void host_name(const char *h, size_t n, const char **out, size_t *out_len)
+/*
+ * The canonical origin-form path (src/path.c) replaces the target's path for routing, rate-limit
+ * policies and forwarding; the query is kept byte for byte. "*" and an empty path are left as
+ * they are. Returns false after answering 400 for a path with no safe canonical form.
+ */
+static bool normalize_target(bw_session *s, const char **path, size_t *path_len)
 {
-    *out = h;
-    if (n > 0 && h[0] == '[') {
-        const char *rb = memchr(h, ']', n);
-        *out_len = rb ? (size_t)(rb - h) + 1 : n;
-        return;
+    const char *p = *path;
+    size_t n = *path_len;
+    if (n == 0 || p[0] != '/')
+        return true;
+    const char *q = memchr(p, '?', n);
+    size_t plen = q ? (size_t)(q - p) : n;
+    size_t out = 0;
+    if (n > s->w->path_buf_cap) {
+        send_error(s, 414, "request target too long");
+        return false;
     }
-    const char *colon = memchr(h, ':', n);
-    *out_len = colon ? (size_t)(colon - h) : n;
+    bw_path_status st = bw_path_normalize(p, plen, s->w->path_buf, s->w->path_buf_cap, &out);
+    if (st != BW_PATH_OK) {
+        bw_log_debug(s->w->log, "client %s: refused path: %s", s->peer, bw_path_status_text(st));
+        send_error(s, 400, bw_path_status_text(st));
+        return false;
+    }
+    memcpy(s->w->path_buf + out, p + plen, n - plen);
+    *path = s->w->path_buf;
+    *path_len = out + (n - plen);
+    return true;
 }
 
 static bool valid_request_id(const char *v, size_t n)
@@ -1191,16 +1212,18 @@ static void dispatch_request(bw_session *s)
     const char *auth, *path;
     size_t auth_len, path_len;
     split_target(h, &auth, &auth_len, &path, &path_len);
+    if (!normalize_target(s, &path, &path_len))
+        return;
     const char *host = auth;
     size_t host_len = auth_len;
     if (!host && h->host_index >= 0) {
         host = h->headers[h->host_index].value;
         host_len = h->headers[h->host_index].value_len;
     }
-    const char *hn = "";
-    size_t hn_len = 0;
-    if (host)
-        host_name(host, host_len, &hn, &hn_len);
+    /* Lower-cased, without the port and trailing dots: "API.example.com.:80" is
+     * "api.example.com". A host too long to hold matches no host route. */
+    char hn[256];
+    size_t hn_len = host ? bw_host_normalize(host, host_len, hn, sizeof(hn)) : 0;
 
     if (cfg->probes_on_listeners && (h->method == BW_METHOD_GET || h->method == BW_METHOD_HEAD) &&
         answer_probe(s, path, path_len))

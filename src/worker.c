@@ -179,10 +179,12 @@ int bw_worker_run(const bw_worker_args *args)
     w.pools = bw_upstream_pools_new(w.base, w.cfg);
     w.rl_params = calloc(w.cfg->n_rate_limits ? w.cfg->n_rate_limits : 1, sizeof(*w.rl_params));
     w.resp_head = malloc(sizeof(*w.resp_head));
+    w.path_buf_cap = w.cfg->limits.max_header_bytes ? w.cfg->limits.max_header_bytes : 65536;
+    w.path_buf = malloc(w.path_buf_cap);
     if (w.rl_params)
         for (size_t i = 0; i < w.cfg->n_rate_limits; i++)
             bw_ratelimit_params_from_conf(&w.cfg->rate_limits[i], &w.rl_params[i]);
-    if (!w.listeners || !w.pools || !w.rl_params || !w.resp_head) {
+    if (!w.listeners || !w.pools || !w.rl_params || !w.resp_head || !w.path_buf) {
         bw_log_error(w.log, "out of memory at start");
         goto out;
     }
@@ -225,6 +227,7 @@ out:
     bw_upstream_pools_free(w.pools, w.cfg->n_upstreams);
     free(w.rl_params);
     free(w.resp_head);
+    free(w.path_buf);
     struct event *evs[] = {w.ev_term, w.ev_int, w.ev_usr1, w.ev_hup, w.drain_timer, w.parent_timer};
     for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
         if (evs[i])

@@ -126,6 +126,7 @@ typedef struct bw_route_conf {
     char *host;        /* NULL = any host; compared case-insensitively, without port */
     char *path_prefix; /* default "/" */
     size_t path_prefix_len;
+    bool case_sensitive; /* path_prefix compared byte for byte (default) or ignoring ASCII case */
     char *name;        /* label in metrics; default "<host><path_prefix>" */
     int upstream;      /* index into bw_config.upstreams */
     int rate_limit;    /* index into bw_config.rate_limits, or -1 */

@@ -40,6 +40,8 @@ typedef struct bw_worker {
     bw_ratelimit_table *rl;         /* the shared rate-limit table */
     bw_ratelimit_params *rl_params; /* per configured policy, computed once at start */
     struct bw_http_head *resp_head; /* scratch for parsing upstream response heads */
+    char *path_buf;                 /* scratch for the normalised request target */
+    size_t path_buf_cap;            /* limits.max_header_bytes: a target never exceeds it */
     /* Client timeouts as libevent "common timeouts": every connection uses the same durations,
      * so they are kept in O(1) queues instead of the timer heap. */
     const struct timeval *tv_header, *tv_idle;
