@@ -61,7 +61,6 @@
 #define BW_LOW_WATER (64 * 1024)
 #define BW_REPLAY_MAX (64 * 1024)
 #define BW_RESPONSE_HEAD_MAX (64 * 1024)
-#define BW_MAX_CONN_TOKENS 16
 
 typedef enum session_state {
     SS_HEAD,     /* waiting for (the rest of) a request head */
@@ -800,41 +799,28 @@ static bool is_hop_by_hop(const char *name, size_t len)
     return false;
 }
 
-typedef struct conn_tokens {
-    const char *tok[BW_MAX_CONN_TOKENS];
-    size_t len[BW_MAX_CONN_TOKENS];
-    size_t n;
-} conn_tokens;
-
-/* Collects the header names listed in Connection headers: they are hop-by-hop too. */
-static void collect_conn_tokens(const bw_http_head *h, conn_tokens *ct)
+/*
+ * True when a Connection header of h lists this header name (RFC 9110 7.6.1): such a header is
+ * hop-by-hop too. The values are scanned in place, so every name listed is honoured however many
+ * there are; the cost is bounded by the head's size, which the parser already limits.
+ */
+static bool named_in_connection(const bw_http_head *h, const char *name, size_t len)
 {
-    ct->n = 0;
     for (size_t i = 0; i < h->n_headers; i++) {
         const bw_http_header *hd = &h->headers[i];
         if (!bw_http_name_eq(hd->name, hd->name_len, "connection"))
             continue;
         const char *p = hd->value, *end = hd->value + hd->value_len;
-        while (p < end && ct->n < BW_MAX_CONN_TOKENS) {
+        while (p < end) {
             while (p < end && (*p == ',' || *p == ' ' || *p == '\t'))
                 p++;
             const char *start = p;
             while (p < end && *p != ',' && *p != ' ' && *p != '\t')
                 p++;
-            if (p > start) {
-                ct->tok[ct->n] = start;
-                ct->len[ct->n] = (size_t)(p - start);
-                ct->n++;
-            }
+            if ((size_t)(p - start) == len && len > 0 && strncasecmp(start, name, len) == 0)
+                return true;
         }
     }
-}
-
-static bool named_in_connection(const conn_tokens *ct, const char *name, size_t len)
-{
-    for (size_t i = 0; i < ct->n; i++)
-        if (ct->len[i] == len && strncasecmp(ct->tok[i], name, len) == 0)
-            return true;
     return false;
 }
 
@@ -888,8 +874,6 @@ static bool build_upstream_head(bw_session *s, bw_exchange *ex, const char *auth
                                 const char *path, size_t path_len)
 {
     const bw_http_head *h = &s->req;
-    conn_tokens ct;
-    collect_conn_tokens(h, &ct);
     const char *server = ex->pool->servers[0].conf->address;
     size_t server_len = strlen(server);
 
@@ -910,8 +894,10 @@ static bool build_upstream_head(bw_session *s, bw_exchange *ex, const char *auth
     bool have_host = false;
     for (size_t i = 0; i < h->n_headers; i++) {
         const bw_http_header *hd = &h->headers[i];
+        /* Connection cannot remove Host: the upstream must see the name the client asked for. */
         if (is_hop_by_hop(hd->name, hd->name_len) ||
-            named_in_connection(&ct, hd->name, hd->name_len))
+            (named_in_connection(h, hd->name, hd->name_len) &&
+             !bw_http_name_eq(hd->name, hd->name_len, "host")))
             continue;
         if (bw_http_name_eq(hd->name, hd->name_len, "x-forwarded-for")) {
             if (n_xff < 16 && hd->value_len > 0) {
@@ -1759,8 +1745,6 @@ static bool write_response_head(bw_exchange *ex, const bw_http_head *r)
     bw_session *s = ex->s;
     struct evbuffer *out = bufferevent_get_output(s->bev);
     bool client11 = s->req.version_minor == 1;
-    conn_tokens ct;
-    collect_conn_tokens(r, &ct);
 
     size_t bound = 128 + r->reason_len + ex->extra_len;
     for (size_t i = 0; i < r->n_headers; i++)
@@ -1773,13 +1757,14 @@ static bool write_response_head(bw_exchange *ex, const bw_http_head *r)
     hw_lit(&w, " ");
     hw_put(&w, r->reason, r->reason_len);
     hw_lit(&w, "\r\n");
-    /* Content-Length is meaningful on HEAD and 304 responses too: keep it as sent there. */
-    bool no_body = ex->resp_framing == BW_BODY_NONE;
+    /* Content-Length is meaningful on HEAD and 304 responses too: keep it as sent there. A 1xx
+     * or 204 never carries Content-Length or Transfer-Encoding (RFC 9110 8.6, RFC 9112 6.1). */
+    bool no_body = ex->resp_framing == BW_BODY_NONE && r->status >= 200 && r->status != 204;
     for (size_t i = 0; i < r->n_headers; i++) {
         const bw_http_header *hd = &r->headers[i];
         bool keep_cl = no_body && bw_http_name_eq(hd->name, hd->name_len, "content-length");
         if (!keep_cl && (is_hop_by_hop(hd->name, hd->name_len) ||
-                         named_in_connection(&ct, hd->name, hd->name_len)))
+                         named_in_connection(r, hd->name, hd->name_len)))
             continue;
         hw_put(&w, hd->name, hd->name_len);
         hw_lit(&w, ": ");
