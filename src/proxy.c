@@ -160,6 +160,7 @@ typedef struct bw_session {
     uint32_t served;
     bool close_after;
     bool clean_close; /* the last response was complete: a TLS close_notify may be sent */
+    bool output_held; /* the next request waits until the client reads what is queued */
     char *head; /* copy of the current request head; the parsed head points into it */
     struct evbuffer *replay_buf; /* lent to each exchange as ex->replay, drained in between */
     size_t head_cap;
@@ -1256,6 +1257,22 @@ static void session_try_head(bw_session *s)
     struct evbuffer *in = bufferevent_get_input(s->bev);
     size_t len = evbuffer_get_length(in);
 
+    /* A client that pipelines requests but does not read the responses must not make the
+     * proxy queue them without end: while more than one response's worth of output waits, the
+     * next request is not parsed and nothing more is read (the kernel's buffers then fill and
+     * TCP flow control stops the client). client_write_cb resumes once the output drains. */
+    if (len > 0 && evbuffer_get_length(bufferevent_get_output(s->bev)) > BW_HIGH_WATER) {
+        s->output_held = true;
+        /* The client is slow to read, not slow to send: no header deadline while held; the
+         * write timeout (idle_timeout_ms) bounds how long it may take. */
+        evtimer_del(s->timer);
+        s->head_timer = false;
+        bufferevent_disable(s->bev, EV_READ);
+        if (!s->tls)
+            bufferevent_enable(s->bev, EV_WRITE);
+        return;
+    }
+
     /* RFC 9112 2.2: ignore empty lines before a request line. */
     while (len >= 2 && s->scanned == 0) {
         unsigned char two[2];
@@ -1901,6 +1918,14 @@ static void client_write_cb(struct bufferevent *bev, void *arg)
         return;
     }
     bw_exchange *ex = &s->ex;
+    if (s->state == SS_HEAD && s->output_held &&
+        evbuffer_get_length(bufferevent_get_output(bev)) <= BW_LOW_WATER) {
+        s->output_held = false;
+        if (!s->tls)
+            out_idle(bev);
+        session_next(s); /* reads again and parses what was held back */
+        return;
+    }
     if (s->state == SS_EXCHANGE && ex->up_paused && ex->uc &&
         evbuffer_get_length(bufferevent_get_output(bev)) <= BW_LOW_WATER) {
         ex->up_paused = false;
