@@ -1446,7 +1446,18 @@ static void forward_request_body(bw_exchange *ex)
         if (ex->req_left == 0)
             request_body_done(ex);
     } else if (ex->req_framing == BW_BODY_CHUNKED && avail > 0) {
-        size_t n = chunked_scan(&ex->req_chunk, in, count_decoded, ex);
+        /* chunked_scan() looks at a bounded number of buffer segments per call; what the
+         * client sent while the upstream connection was being made can span many more, and no
+         * further read event will come for bytes already read: scan until all is taken. */
+        size_t n;
+        do {
+            n = chunked_scan(&ex->req_chunk, in, count_decoded, ex);
+            if (cfg->limits.max_body_bytes && ex->req_decoded > cfg->limits.max_body_bytes)
+                break;
+            if (n > 0)
+                add_upstream(ex, out, in, n);
+        } while (n > 0 && ex->req_chunk.state != BW_CHUNK_DONE &&
+                 ex->req_chunk.state != BW_CHUNK_ERROR && evbuffer_get_length(in) > 0);
         if (cfg->limits.max_body_bytes && ex->req_decoded > cfg->limits.max_body_bytes) {
             ex->error = "body too large";
             exchange_release_upstream(ex, false);
@@ -1456,8 +1467,6 @@ static void forward_request_body(bw_exchange *ex)
                 session_abort(s);
             return;
         }
-        if (n > 0)
-            add_upstream(ex, out, in, n);
         if (ex->req_chunk.state == BW_CHUNK_ERROR) {
             bw_log_debug(s->w->log, "client %s: malformed chunked body: %s", s->peer,
                          ex->req_chunk.error ? ex->req_chunk.error : "?");
