@@ -33,6 +33,7 @@
 #include <event2/event.h>
 
 #include "breakwater/admin.h"
+#include "breakwater/fdlimit.h"
 #include "breakwater/probes.h"
 #include "breakwater/redis_sync.h"
 #include "breakwater/shm.h"
@@ -199,6 +200,7 @@ static bw_generation *generation_new(bw_master *m, bw_config *cfg, bw_diag *diag
     }
     g->cfg = cfg;
     g->n_workers = cfg->workers;
+    (void)bw_fdlimit_apply(cfg, &m->log); /* a shortfall is logged; accept() copes with it */
     g->fds = calloc(cfg->n_listeners, sizeof(int));
     g->tls = calloc(cfg->n_listeners, sizeof(SSL_CTX *));
     g->pids = calloc(g->n_workers, sizeof(pid_t));

@@ -369,6 +369,25 @@ static void render_connections(const bw_shm *shm, const bw_config *cfg, struct e
     }
 }
 
+static void render_accept_errors(const bw_shm *shm, const bw_config *cfg, struct evbuffer *out)
+{
+    static const char name[] = "breakwater_accept_errors_total";
+    family(out, name, "counter",
+           "Connections the kernel had but accept() could not take (descriptors or memory ran "
+           "out), by listener.");
+    for (uint32_t l = 0; l < shm->hdr->n_listener_slots; l++) {
+        const bw_listener_conf *lc = current_listener(cfg, l);
+        if (lc == NULL)
+            continue;
+        uint64_t sum = 0;
+        for (uint32_t w = 0; w < shm->hdr->n_worker_slots; w++)
+            sum += atomic_load_explicit(bw_shm_accept_errors_cell(shm, (int)w, (int)l),
+                                        memory_order_relaxed);
+        open_series(out, name, "listener", lc->address);
+        evbuffer_add_printf(out, "} %" PRIu64 "\n", sum);
+    }
+}
+
 static void render_redis(const bw_shm *shm, const bw_metrics_master *m, uint64_t wall_ms,
                          struct evbuffer *out)
 {
@@ -431,6 +450,7 @@ void bw_metrics_render(const bw_shm *shm, const bw_config *cfg, const bw_metrics
     render_breakers(shm, cfg, now_ms, out);
     render_rate_limits(shm, cfg, now_ms, out);
     render_connections(shm, cfg, out);
+    render_accept_errors(shm, cfg, out);
     render_redis(shm, m, wall_ms, out);
     render_process(shm, m, out);
 }

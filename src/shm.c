@@ -56,7 +56,7 @@ static uint32_t named_slots_for(size_t n)
 
 /* Offsets inside one worker slot, derived from the header's counts. */
 typedef struct worker_layout {
-    size_t requests, upstream, rate_limited, connections, size;
+    size_t requests, upstream, rate_limited, connections, accept_errors, size;
 } worker_layout;
 
 static void worker_layout_of(uint32_t n_route, uint32_t n_up, uint32_t n_pol, uint32_t n_lis,
@@ -67,7 +67,8 @@ static void worker_layout_of(uint32_t n_route, uint32_t n_up, uint32_t n_pol, ui
         align_up(l->requests + (size_t)(n_route + 1) * BW_METRICS_CODES * sizeof(uint64_t));
     l->rate_limited = align_up(l->upstream + (size_t)n_up * sizeof(bw_upstream_counters));
     l->connections = align_up(l->rate_limited + (size_t)n_pol * sizeof(uint64_t));
-    l->size = align_up(l->connections + (size_t)n_lis * sizeof(int64_t));
+    l->accept_errors = align_up(l->connections + (size_t)n_lis * sizeof(int64_t));
+    l->size = align_up(l->accept_errors + (size_t)n_lis * sizeof(uint64_t));
 }
 
 static void header_worker_layout(const bw_shm_header *h, worker_layout *l)
@@ -116,6 +117,13 @@ static _Atomic int64_t *connections_cell(const bw_shm *shm, uint32_t w, uint32_t
     worker_layout l;
     header_worker_layout(shm->hdr, &l);
     return (_Atomic int64_t *)(worker_base(shm, w) + l.connections) + lis;
+}
+
+static _Atomic uint64_t *accept_errors_cell(const bw_shm *shm, uint32_t w, uint32_t lis)
+{
+    worker_layout l;
+    header_worker_layout(shm->hdr, &l);
+    return (_Atomic uint64_t *)(worker_base(shm, w) + l.accept_errors) + lis;
 }
 
 int bw_shm_create(bw_shm *shm, const bw_config *cfg, char *err, size_t errlen)
@@ -630,6 +638,15 @@ void bw_metrics_connection(const bw_shm *shm, int worker_slot, int listener_slot
         (int64_t)delta, memory_order_relaxed);
 }
 
+void bw_metrics_accept_error(const bw_shm *shm, int worker_slot, int listener_slot)
+{
+    if (listener_slot < 0 || (uint32_t)listener_slot >= shm->hdr->n_listener_slots)
+        return;
+    atomic_fetch_add_explicit(
+        accept_errors_cell(shm, worker_index(shm, worker_slot), (uint32_t)listener_slot), 1,
+        memory_order_relaxed);
+}
+
 /* ---- counter cells for the scrape ---- */
 
 static bool worker_in_range(const bw_shm *shm, int worker_slot)
@@ -674,4 +691,12 @@ _Atomic int64_t *bw_shm_connections_cell(const bw_shm *shm, int worker_slot, int
         (uint32_t)listener_slot >= shm->hdr->n_listener_slots)
         return NULL;
     return connections_cell(shm, (uint32_t)worker_slot, (uint32_t)listener_slot);
+}
+
+_Atomic uint64_t *bw_shm_accept_errors_cell(const bw_shm *shm, int worker_slot, int listener_slot)
+{
+    if (!worker_in_range(shm, worker_slot) || listener_slot < 0 ||
+        (uint32_t)listener_slot >= shm->hdr->n_listener_slots)
+        return NULL;
+    return accept_errors_cell(shm, (uint32_t)worker_slot, (uint32_t)listener_slot);
 }

@@ -10,6 +10,7 @@
 #include "breakwater/worker.h"
 
 #include <errno.h>
+#include <inttypes.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +22,31 @@
 #include "breakwater/http.h"
 #include "breakwater/proxy.h"
 
+/* How long accepting pauses after accept() found no descriptor (or memory) to spare. */
+#define BW_ACCEPT_BACKOFF_MS 100
+
+static uint64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* Listeners accept while neither max_connections nor an accept backoff holds them, and not
+ * once draining has freed them. */
+static void listeners_update(bw_worker *w)
+{
+    bool on = !w->listeners_paused && !w->accept_backoff && !w->draining;
+    for (size_t i = 0; i < w->cfg->n_listeners; i++) {
+        if (!w->listeners[i])
+            continue;
+        if (on)
+            evconnlistener_enable(w->listeners[i]);
+        else
+            evconnlistener_disable(w->listeners[i]);
+    }
+}
+
 static void drain_done_check(bw_worker *w)
 {
     if (w->draining && w->n_sessions == 0)
@@ -31,10 +57,8 @@ void bw_worker_session_closed(bw_worker *w)
 {
     if (w->listeners_paused && !w->draining &&
         w->n_sessions < w->cfg->limits.max_connections) {
-        for (size_t i = 0; i < w->cfg->n_listeners; i++)
-            if (w->listeners[i])
-                evconnlistener_enable(w->listeners[i]);
         w->listeners_paused = false;
+        listeners_update(w);
     }
     drain_done_check(w);
 }
@@ -54,22 +78,64 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
     bw_proxy_accept(w, index, fd, sa, salen);
     if (w->n_sessions >= w->cfg->limits.max_connections && !w->listeners_paused) {
         /* Leave further connections in the kernel's backlog for the other workers. */
-        for (size_t i = 0; i < w->cfg->n_listeners; i++)
-            if (w->listeners[i])
-                evconnlistener_disable(w->listeners[i]);
         w->listeners_paused = true;
+        listeners_update(w);
         bw_log_warn(w->log, "max_connections (%u) reached, pausing accept",
                     w->cfg->limits.max_connections);
     }
 }
 
+static void accept_resume_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    bw_worker *w = arg;
+    w->accept_backoff = false;
+    listeners_update(w);
+}
+
+/*
+ * accept() failed. Out of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) the pending
+ * connection stays in the kernel's queue and the listener stays readable, so retrying at once
+ * would spin: accepting pauses for BW_ACCEPT_BACKOFF_MS instead, each failure is counted in
+ * breakwater_accept_errors_total, and the log gets at most one line a second. Other errors
+ * (a connection reset before it was accepted) concern one connection only.
+ */
 static void accept_error_cb(struct evconnlistener *l, void *arg)
 {
-    (void)l;
     bw_worker *w = arg;
     int err = EVUTIL_SOCKET_ERROR();
-    /* EMFILE/ENFILE/ENOBUFS are transient: libevent retries on the next readiness. */
-    bw_log_warn(w->log, "accept failed: %s", evutil_socket_error_to_string(err));
+    bool exhausted = err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
+    if (!exhausted) {
+        bw_log_debug(w->log, "accept failed: %s", evutil_socket_error_to_string(err));
+        return;
+    }
+    for (size_t i = 0; i < w->cfg->n_listeners; i++)
+        if (w->listeners[i] == l)
+            bw_metrics_accept_error(w->shm, w->worker_slot, w->cfg->listeners[i].shm_slot);
+    uint64_t now = mono_ms();
+    if (w->accept_log_ms == 0 || now - w->accept_log_ms >= 1000) {
+        if (w->accept_unlogged > 0)
+            bw_log_warn(w->log,
+                        "accept failed: %s (and %" PRIu64 " more since the last report); "
+                        "pausing accept for %d ms with %zu connection(s) open",
+                        evutil_socket_error_to_string(err), w->accept_unlogged,
+                        BW_ACCEPT_BACKOFF_MS, w->n_sessions);
+        else
+            bw_log_warn(w->log, "accept failed: %s; pausing accept for %d ms with %zu "
+                        "connection(s) open",
+                        evutil_socket_error_to_string(err), BW_ACCEPT_BACKOFF_MS, w->n_sessions);
+        w->accept_log_ms = now;
+        w->accept_unlogged = 0;
+    } else {
+        w->accept_unlogged++;
+    }
+    if (!w->accept_backoff) {
+        w->accept_backoff = true;
+        listeners_update(w);
+        struct timeval tv = {0, BW_ACCEPT_BACKOFF_MS * 1000};
+        evtimer_add(w->accept_timer, &tv);
+    }
 }
 
 static void start_drain(bw_worker *w, const char *why)
@@ -203,7 +269,9 @@ int bw_worker_run(const bw_worker_args *args)
     w.ev_hup = evsignal_new(w.base, SIGHUP, signal_cb, &w);
     w.drain_timer = evtimer_new(w.base, drain_timeout_cb, &w);
     w.parent_timer = event_new(w.base, -1, EV_PERSIST, parent_check_cb, &w);
-    if (!w.ev_term || !w.ev_int || !w.ev_usr1 || !w.ev_hup || !w.drain_timer || !w.parent_timer)
+    w.accept_timer = evtimer_new(w.base, accept_resume_cb, &w);
+    if (!w.ev_term || !w.ev_int || !w.ev_usr1 || !w.ev_hup || !w.drain_timer || !w.parent_timer ||
+        !w.accept_timer)
         goto out;
     evsignal_add(w.ev_term, NULL);
     evsignal_add(w.ev_int, NULL);
@@ -228,7 +296,8 @@ out:
     free(w.rl_params);
     free(w.resp_head);
     free(w.path_buf);
-    struct event *evs[] = {w.ev_term, w.ev_int, w.ev_usr1, w.ev_hup, w.drain_timer, w.parent_timer};
+    struct event *evs[] = {w.ev_term,      w.ev_int,       w.ev_usr1,      w.ev_hup,
+                           w.drain_timer,  w.parent_timer, w.accept_timer};
     for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
         if (evs[i])
             event_free(evs[i]);

@@ -65,6 +65,7 @@ typedef struct bw_upstream_counters {
  *   bw_upstream_counters upstream[n_upstream_slots]
  *   _Atomic uint64_t rate_limited[n_policy_slots]
  *   _Atomic int64_t connections_active[n_listener_slots]
+ *   _Atomic uint64_t accept_errors[n_listener_slots]
  */
 typedef struct bw_worker_slot {
     _Atomic int32_t pid;           /* 0 = free */
@@ -156,6 +157,7 @@ bw_upstream_counters *bw_shm_upstream_counters(const bw_shm *shm, int worker_slo
                                                int upstream_slot);
 _Atomic uint64_t *bw_shm_rate_limited_cell(const bw_shm *shm, int worker_slot, int policy_slot);
 _Atomic int64_t *bw_shm_connections_cell(const bw_shm *shm, int worker_slot, int listener_slot);
+_Atomic uint64_t *bw_shm_accept_errors_cell(const bw_shm *shm, int worker_slot, int listener_slot);
 
 /* Hot-path counter updates (relaxed atomics), used by workers. route_slot -1 = no route;
  * a status outside 100..599 is not counted. */
@@ -166,5 +168,7 @@ void bw_metrics_upstream_error(const bw_shm *shm, int worker_slot, int upstream_
                                bw_upstream_error_kind kind);
 void bw_metrics_rate_limited(const bw_shm *shm, int worker_slot, int policy_slot);
 void bw_metrics_connection(const bw_shm *shm, int worker_slot, int listener_slot, int delta);
+/* An accept() that failed for lack of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM). */
+void bw_metrics_accept_error(const bw_shm *shm, int worker_slot, int listener_slot);
 
 #endif

@@ -34,6 +34,10 @@ typedef struct bw_worker {
     SSL_CTX *const *tls;   /* one per listener, NULL for plain ones */
     struct evconnlistener **listeners;
     bool listeners_paused; /* max_connections reached */
+    bool accept_backoff;   /* accept() ran out of descriptors: paused for BW_ACCEPT_BACKOFF_MS */
+    struct event *accept_timer;
+    uint64_t accept_log_ms;       /* when an accept failure was last logged (monotonic ms) */
+    uint64_t accept_unlogged;     /* failures since then, reported with the next log line */
     bw_upstream_pool *pools;
     const bw_shm *shm;
     int worker_slot;                /* this process's counters in the shared region */
