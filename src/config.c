@@ -1334,6 +1334,7 @@ static void set_defaults(bw_config *cfg)
     cfg->limits.max_header_bytes = 32768;
     cfg->limits.max_headers = 100;
     cfg->limits.max_body_bytes = 0;
+    cfg->limits.request_buffer_bytes = 65536;
     cfg->limits.header_timeout_ms = 10000;
     cfg->limits.client_idle_timeout_ms = 60000;
     cfg->limits.max_connections = 10000;
@@ -1855,8 +1856,9 @@ static bool route_shadows(const bw_route_conf *a, const bw_route_conf *b)
 
 static void parse_route(vctx *c, const cJSON *o, const char *rp, bw_config *cfg, bw_route_conf *r)
 {
-    static const char *const fields[] = {"host",       "path_prefix", "name",           "upstream",
-                                         "rate_limit", "case_sensitive", NULL};
+    static const char *const fields[] = {"host",           "path_prefix", "name",
+                                         "upstream",       "rate_limit",  "case_sensitive",
+                                         "request_buffering", NULL};
     char fp[PATH_LEN], known[512];
     const char *names[64];
 
@@ -1891,6 +1893,8 @@ static void parse_route(vctx *c, const cJSON *o, const char *rp, bw_config *cfg,
         r->path_prefix_len = strlen(r->path_prefix);
     r->case_sensitive = true;
     get_bool(c, o, rp, "case_sensitive", &r->case_sensitive);
+    r->request_buffering = true;
+    get_bool(c, o, rp, "request_buffering", &r->request_buffering);
 
     const char *name = get_string(c, o, rp, "name", false);
     if (name != NULL) {
@@ -2095,6 +2099,7 @@ static void parse_limits(vctx *c, const cJSON *root, bw_config *cfg)
                                          "header_timeout_ms",
                                          "client_idle_timeout_ms",
                                          "max_connections",
+                                         "request_buffer_bytes",
                                          NULL};
     bw_limits_conf *l = &cfg->limits;
     const cJSON *o = get_object(c, root, "", "limits", false);
@@ -2107,6 +2112,7 @@ static void parse_limits(vctx *c, const cJSON *root, bw_config *cfg)
     get_u32(c, o, "limits", "header_timeout_ms", 1, MAX_MS, &l->header_timeout_ms);
     get_u32(c, o, "limits", "client_idle_timeout_ms", 1, MAX_MS, &l->client_idle_timeout_ms);
     get_u32(c, o, "limits", "max_connections", 1, 1000000, &l->max_connections);
+    get_u32(c, o, "limits", "request_buffer_bytes", 0, 16u << 20, &l->request_buffer_bytes);
 }
 
 static void parse_root(vctx *c, const cJSON *root, bw_config *cfg)

@@ -93,6 +93,7 @@ typedef struct bw_exchange {
     uint64_t req_left;
     bw_chunked req_chunk;
     bool req_done;     /* the whole request body has been read from the client */
+    bool buffering;    /* reading a small body whole before an upstream is taken */
     bool req_started;  /* body bytes have been forwarded */
     uint64_t bytes_in; /* request body bytes read from the client */
     uint64_t req_decoded; /* decoded bytes of a chunked request body (for max_body_bytes) */
@@ -175,6 +176,8 @@ static void exchange_finish(bw_exchange *ex);
 static void start_attempt(bw_exchange *ex, bw_server *same, bool allow_reuse);
 static void forward_request_body(bw_exchange *ex);
 static void forward_response_body(bw_exchange *ex);
+static void exchange_start_upstream(bw_session *s, bw_exchange *ex);
+static bool request_body_buffered(bw_session *s, bw_exchange *ex);
 static void upstream_failed(bw_exchange *ex, up_failure why);
 static void client_read_cb(struct bufferevent *bev, void *arg);
 static void client_write_cb(struct bufferevent *bev, void *arg);
@@ -1121,14 +1124,6 @@ static bool admit_breaker(bw_session *s, bw_exchange *ex)
     return false;
 }
 
-/* The admission point: a request can be refused here before any upstream is chosen. */
-static bool admit(bw_session *s, bw_exchange *ex)
-{
-    if (ex->route->rate_limit >= 0 && !admit_rate_limit(s, ex))
-        return false;
-    return !BW_INSTRUMENTED || admit_breaker(s, ex);
-}
-
 /* /healthz and /readyz answered on a traffic listener. */
 static bool answer_probe(bw_session *s, const char *path, size_t path_len)
 {
@@ -1235,7 +1230,7 @@ static void dispatch_request(bw_session *s)
     }
     /* Admission comes after the head is built only so that the rate-limit entry's cache miss
      * overlaps that work; nothing has been sent anywhere yet. */
-    if (!admit(s, ex))
+    if (ex->route->rate_limit >= 0 && !admit_rate_limit(s, ex))
         return;
 
     if (h->expect_continue && !ex->req_done && h->version_minor == 1) {
@@ -1248,7 +1243,57 @@ static void dispatch_request(bw_session *s)
     if (!ex->req_done) {
         bufferevent_set_timeouts(s->bev, s->w->tv_idle, s->w->tv_idle);
     }
+    uint32_t buffer_max = cfg->limits.request_buffer_bytes;
+    if (!ex->req_done && r->request_buffering && buffer_max > 0 &&
+        (h->framing == BW_BODY_CHUNKED || h->content_length <= buffer_max)) {
+        /* A slow client must not pin an upstream connection while it dribbles a small body:
+         * read it whole first (HAProxy's option http-buffer-request). Larger bodies stream. */
+        ex->buffering = true;
+        if (!request_body_buffered(s, ex))
+            return;
+        ex->buffering = false;
+    }
+    exchange_start_upstream(s, ex);
+}
+
+/* Breaker admission, then the first upstream attempt; after the body was buffered, if it was. */
+static void exchange_start_upstream(bw_session *s, bw_exchange *ex)
+{
+    if (BW_INSTRUMENTED && !admit_breaker(s, ex))
+        return;
     start_attempt(ex, NULL, true);
+}
+
+/*
+ * True once the body being buffered is all in the client input buffer, or once more than
+ * limits.request_buffer_bytes of it are there (a chunked body that turns out larger: from then
+ * on it streams). Only looks at the input; forward_request_body() consumes it later.
+ */
+static bool request_body_buffered(bw_session *s, bw_exchange *ex)
+{
+    struct evbuffer *in = bufferevent_get_input(s->bev);
+    size_t have = evbuffer_get_length(in);
+    size_t max = s->w->cfg->limits.request_buffer_bytes;
+    if (ex->req_framing == BW_BODY_LENGTH)
+        return have >= ex->req_left;
+    if (have > max)
+        return true;
+    /* Chunked: scan what is there with a scratch decoder (at most `max` bytes, so the rescans
+     * on each read cost O(max) each). */
+    bw_chunked c;
+    bw_chunked_init(&c);
+    struct evbuffer_iovec vec[64];
+    int n = evbuffer_peek(in, -1, NULL, vec, 64);
+    if (n > 64)
+        return true; /* too fragmented to judge cheaply: stream it */
+    for (int i = 0; i < n; i++) {
+        size_t used = bw_chunked_feed(&c, vec[i].iov_base, vec[i].iov_len, NULL, NULL);
+        if (c.state == BW_CHUNK_DONE || c.state == BW_CHUNK_ERROR)
+            return true; /* complete, or malformed: forward_request_body() answers that */
+        if (used < vec[i].iov_len)
+            break;
+    }
+    return false;
 }
 
 static void session_try_head(bw_session *s)
@@ -1909,8 +1954,14 @@ static void client_read_cb(struct bufferevent *bev, void *arg)
         session_try_head(s);
         break;
     case SS_EXCHANGE:
-        if (!s->ex.req_done)
+        if (s->ex.buffering) {
+            if (request_body_buffered(s, &s->ex)) {
+                s->ex.buffering = false;
+                exchange_start_upstream(s, &s->ex);
+            }
+        } else if (!s->ex.req_done) {
             forward_request_body(&s->ex);
+        }
         break;
     case SS_CLOSING:
         evbuffer_drain(bufferevent_get_input(bev), evbuffer_get_length(bufferevent_get_input(bev)));

@@ -127,6 +127,7 @@ typedef struct bw_route_conf {
     char *path_prefix; /* default "/" */
     size_t path_prefix_len;
     bool case_sensitive; /* path_prefix compared byte for byte (default) or ignoring ASCII case */
+    bool request_buffering; /* small bodies read whole before an upstream is taken (default) */
     char *name;        /* label in metrics; default "<host><path_prefix>" */
     int upstream;      /* index into bw_config.upstreams */
     int rate_limit;    /* index into bw_config.rate_limits, or -1 */
@@ -168,6 +169,7 @@ typedef struct bw_limits_conf {
     uint32_t max_header_bytes;     /* request head size; default 32768 -> 431 */
     uint32_t max_headers;          /* header count; default 100 -> 431 */
     uint64_t max_body_bytes;       /* request body; 0 = unlimited; default 0 -> 413 */
+    uint32_t request_buffer_bytes; /* bodies up to this are read before connecting; 65536 */
     uint32_t header_timeout_ms;    /* whole request head must arrive within; default 10000 -> 408 */
     uint32_t client_idle_timeout_ms; /* keep-alive idle and body read gap; default 60000 */
     uint32_t max_connections;      /* per worker; default 10000 */
