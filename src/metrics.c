@@ -415,6 +415,14 @@ static void render_process(const bw_shm *shm, const bw_metrics_master *m, struct
                         "breakwater_config_reloads_total{result=\"success\"} %" PRIu64 "\n"
                         "breakwater_config_reloads_total{result=\"failure\"} %" PRIu64 "\n",
                         m ? m->reloads_success : 0, m ? m->reloads_failure : 0);
+    family(out, "breakwater_accept_errors_total", "counter",
+           "accept() failures (descriptor exhaustion and the like), by listener.");
+    evbuffer_add_printf(out, "breakwater_accept_errors_total{listener=\"admin\"} %" PRIu64 "\n",
+                        m ? m->admin_accept_errors : 0);
+    family(out, "breakwater_admin_auth_failures_total", "counter",
+           "Admin requests refused for a missing or wrong bearer token.");
+    evbuffer_add_printf(out, "breakwater_admin_auth_failures_total %" PRIu64 "\n",
+                        m ? m->admin_auth_failures : 0);
     family(out, "breakwater_build_info", "gauge", "Always 1; the version is in the label.");
     put(out, "breakwater_build_info{version=\"");
     put_label(out, BW_VERSION);
