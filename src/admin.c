@@ -198,6 +198,16 @@ static evhtp_res on_header(evhtp_request_t *req, evhtp_header_t *h, void *arg)
     uint32_t max_bytes = cfg ? cfg->limits.max_header_bytes : 32768;
     c->n_headers++;
     c->header_bytes += h->klen + h->vlen + 4;
+    /* libevhtp drops a connection with an unparsable Content-Length without a word. */
+    if (h->klen == 14 && strncasecmp(h->key, "content-length", 14) == 0) {
+        bool digits = h->vlen > 0 && h->vlen <= 18;
+        for (size_t i = 0; digits && i < h->vlen; i++)
+            digits = h->val[i] >= '0' && h->val[i] <= '9';
+        if (!digits) {
+            raw_refusal(c, 400, "invalid Content-Length");
+            return EVHTP_RES_ERROR;
+        }
+    }
     if (c->n_headers > max_headers || c->header_bytes > max_bytes) {
         raw_refusal(c, 431, "request header fields too large");
         return EVHTP_RES_ERROR;
@@ -230,8 +240,8 @@ static evhtp_res on_headers(evhtp_request_t *req, evhtp_headers_t *hs, void *arg
     int ncl = count_header(hs, "content-length", &cl);
     int nte = count_header(hs, "transfer-encoding", &te);
     int nexp = count_header(hs, "expect", &expect);
-    evhtp_proto proto = evhtp_request_get_proto(req);
-    if (proto != EVHTP_PROTO_10 && proto != EVHTP_PROTO_11) {
+    htparser *hp = req->conn->parser;
+    if (htparser_get_major(hp) != 1 || htparser_get_minor(hp) > 1) {
         raw_refusal(c, 505, "HTTP version not supported");
         return EVHTP_RES_ERROR;
     }
@@ -738,7 +748,7 @@ static void accept_resume_cb(evutil_socket_t fd, short what, void *arg)
 static void accept_error_cb(struct evconnlistener *l, void *arg)
 {
     (void)l;
-    bw_admin *a = arg;
+    bw_admin *a = ((evhtp_t *)arg)->arg; /* the listener's argument is libevhtp's context */
     int err = EVUTIL_SOCKET_ERROR();
     a->accept_errors++;
     uint64_t now = mono_ms();
@@ -777,7 +787,9 @@ bw_admin *bw_admin_new(struct event_base *base, int fd, bw_log *log, const bw_sh
         goto fail;
     /* No endpoint takes a body: never invite one with 100 Continue. */
     evhtp_disable_flag(a->htp, EVHTP_FLAG_ENABLE_100_CONT);
-    evhtp_set_parser_flags(a->htp, EVHTP_PARSE_QUERY_FLAG_STRICT);
+    /* The query is read by bw_admin_parse_top(); libevhtp's strict query parser would drop
+     * the connection without a reply on "?top=" instead of letting us answer 400. */
+    evhtp_set_parser_flags(a->htp, EVHTP_PARSE_QUERY_FLAG_LENIENT);
     a->htp->max_body_size = 0;
     a->htp->max_keepalive_requests = 0;
     struct timeval io = {ADMIN_IO_TIMEOUT_S, 0};

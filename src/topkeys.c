@@ -85,14 +85,15 @@ void bw_topkeys_record(bw_topkeys *t, uint64_t hash, bool rejected, uint32_t rem
                        uint64_t now_ns, bw_topkeys_text_fn text, void *text_arg)
 {
     hash = nonzero(hash);
-    uint32_t i1 = (uint32_t)(hash % BW_TOPKEYS_SLOTS);
-    uint32_t i2 = (uint32_t)((hash >> 32) % BW_TOPKEYS_SLOTS);
-    if (i2 == i1)
-        i2 = (i1 + 1) % BW_TOPKEYS_SLOTS;
-    bw_topkeys_slot *cand[2] = {&t->slot[i1], &t->slot[i2]};
-    uint64_t seq[2], score[2];
-    for (int k = 0; k < 2; k++) {
-        bw_topkeys_slot *s = cand[k];
+    /* BW_TOPKEYS_WAYS candidate slots, stepping by an odd stride (all distinct: the slot
+     * count is a power of two). */
+    uint32_t first = (uint32_t)(hash % BW_TOPKEYS_SLOTS);
+    uint32_t stride = (uint32_t)((hash >> 32) | 1);
+    bw_topkeys_slot *cand[BW_TOPKEYS_WAYS];
+    uint64_t seq[BW_TOPKEYS_WAYS], score[BW_TOPKEYS_WAYS];
+    for (int k = 0; k < BW_TOPKEYS_WAYS; k++) {
+        bw_topkeys_slot *s = &t->slot[(first + (uint32_t)k * stride) % BW_TOPKEYS_SLOTS];
+        cand[k] = s;
         seq[k] = atomic_load_explicit(&s->seq, memory_order_acquire);
         if (!(seq[k] & 1) && atomic_load_explicit(&s->hash, memory_order_relaxed) == hash) {
             hit(s, rejected, remaining, now_ns);
@@ -100,9 +101,9 @@ void bw_topkeys_record(bw_topkeys *t, uint64_t hash, bool rejected, uint32_t rem
         }
         score[k] = atomic_load_explicit(&s->score, memory_order_relaxed);
     }
-    /* A miss: the weaker candidate loses a point, or is replaced once it has none left. */
+    /* A miss: the weakest candidate loses a point, or is replaced once it has none left. */
     int v = -1;
-    for (int k = 0; k < 2; k++) {
+    for (int k = 0; k < BW_TOPKEYS_WAYS; k++) {
         if (seq[k] & 1) {
             uint64_t since = atomic_load_explicit(&cand[k]->claimed_ns, memory_order_relaxed);
             if (now_ns > since && now_ns - since > BW_TOPKEYS_STALE_NS) {

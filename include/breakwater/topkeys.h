@@ -4,10 +4,10 @@
  * endpoint GET /ratelimits/{policy}?top=N can name them (the rate-limit table itself keeps only
  * seeded hashes).
  *
- * Each policy has BW_TOPKEYS_SLOTS slots. A key may live in one of two slots chosen by its hash.
- * Workers call bw_topkeys_record() after every decision: a key already present bumps its counters
- * with relaxed atomic adds; a key that is not present takes one point off the weaker of its two
- * candidate slots, and replaces that slot's key once its score reaches zero (the "frequent
+ * Each policy has BW_TOPKEYS_SLOTS slots. A key may live in one of BW_TOPKEYS_WAYS slots chosen by
+ * its hash. Workers call bw_topkeys_record() after every decision: a key already present bumps its
+ * counters with relaxed atomic adds; a key that is not present takes one point off the weakest of
+ * its candidate slots, and replaces that slot's key once its score reaches zero (the "frequent
  * items" counting scheme: a key seen more often than its competitors stays). Replacing a slot is
  * guarded by a sequence number (odd while the slot is rewritten) that readers check before and
  * after copying; a worker killed while the number is odd leaves a slot that the next writer
@@ -22,7 +22,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define BW_TOPKEYS_SLOTS 64
+#define BW_TOPKEYS_SLOTS 64 /* a power of two */
+/* Slots a key may live in. */
+#define BW_TOPKEYS_WAYS 4
 /* Longest key text kept (longer texts are cut); the rate-limit fleet names fit. */
 #define BW_TOPKEYS_TEXT_MAX 47
 /* A slot left half-written for this long belongs to a process that died: it may be taken. */
