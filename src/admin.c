@@ -94,7 +94,7 @@ struct admin_conn {
     int status;
     const char *ctype;
     bool www_auth;
-    bool closing;
+    bool served; /* a response was sent: the connection is a kept-alive one */
     char peer[64];
     admin_conn *next, *prev;
 };
@@ -162,7 +162,10 @@ static void deadline_cb(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     admin_conn *c = arg;
-    raw_refusal(c, 408, "request header timeout");
+    /* A kept-alive connection that went quiet is closed without a word (a 408 could cross the
+     * client's next request); a first request that is too slow learns why. */
+    if (!c->served)
+        raw_refusal(c, 408, "request header timeout");
     evhtp_connection_free(c->conn); /* runs conn_fini, which frees c */
 }
 
@@ -687,6 +690,7 @@ static evhtp_res on_request_fini(evhtp_request_t *req, void *arg)
     admin_conn *c = arg;
     if (c->req == req)
         c->req = NULL;
+    c->served = true;
     /* The next request of a kept-alive connection has the same deadline. */
     arm_deadline(c);
     return EVHTP_RES_OK;

@@ -447,3 +447,19 @@ def test_pipelined_metrics_flood_keeps_master_memory_bounded(upstream, breakwate
     s.close()
     assert hwm - hwm0 < 4096, "master VmHWM grew by %d kB after %d bytes of pipelined " \
         "requests (VmRSS %d kB)" % (hwm - hwm0, sent, rss)
+
+
+def test_keepalive_connection_idle_past_the_deadline_is_closed(upstream, breakwater_factory):
+    bw = breakwater_factory(harness.base_config([upstream], limits={"header_timeout_ms": 500}))
+    with Client(bw.admin_port) as c:
+        c.send(build_request("GET", "/healthz", host="localhost"))
+        assert c.read_response().status == 200
+        start = time.monotonic()
+        assert c.wait_closed(timeout=5 * SLOW), "idle connection not closed"
+        assert time.monotonic() - start >= 0.4
+        assert c.pending() == b"", "an idle kept-alive connection got a reply it did not ask for"
+
+
+def test_version_lists_libevhtp(bw_bin):
+    out = subprocess.run([str(bw_bin), "-V"], capture_output=True, text=True, check=True).stdout
+    assert re.search(r"^libevhtp 1\.2\.\d+$", out, re.M), out
