@@ -329,6 +329,13 @@ bw_breaker_decision bw_breaker_allow(bw_breaker *b, const bw_breaker_conf *c, ui
     clear_transition(t);
     if (retry_after_ms != NULL)
         *retry_after_ms = 0;
+    if (atomic_load_explicit(&b->forced_at_ms, memory_order_relaxed) != 0) {
+        /* Held open for maintenance: nothing reaches the upstream, no probe either. */
+        atomic_fetch_add_explicit(&b->rejected, 1, memory_order_relaxed);
+        if (retry_after_ms != NULL)
+            *retry_after_ms = c->reset_timeout_ms;
+        return BW_BREAKER_REJECT;
+    }
     uint64_t lease_ms = probe_timeout_ms ? probe_timeout_ms : 1;
     unsigned max_permits = clamp_probes(c->half_open_max_requests);
     uint64_t cur = atomic_load(&b->word);
@@ -613,9 +620,25 @@ void bw_breaker_report(bw_breaker *b, const bw_breaker_conf *c, uint64_t now_ms,
     report_closed(b, c, now_ms, w, failed, t);
 }
 
+bool bw_breaker_force_open(bw_breaker *b, const bw_breaker_conf *c, uint64_t forced_at_ms,
+                           uint64_t now_ms, bw_breaker_transition *t)
+{
+    uint64_t zero = 0;
+    bool first = atomic_compare_exchange_strong(&b->forced_at_ms, &zero,
+                                                forced_at_ms ? forced_at_ms : now_ms);
+    bw_breaker_force(b, c, BW_BREAKER_OPEN, 0, now_ms, t);
+    return first;
+}
+
+bool bw_breaker_is_forced(const bw_breaker *b)
+{
+    return atomic_load_explicit(&b->forced_at_ms, memory_order_relaxed) != 0;
+}
+
 bool bw_breaker_reset(bw_breaker *b, uint64_t now_ms, bw_breaker_transition *t)
 {
     clear_transition(t);
+    atomic_store(&b->forced_at_ms, (uint64_t)0);
     uint64_t cur = atomic_load(&b->word);
     for (;;) {
         word w = unpack(cur);
@@ -713,6 +736,15 @@ void bw_breaker_snapshot(const bw_breaker *b, const bw_breaker_conf *c, uint64_t
     out->failures_total = atomic_load_explicit(&b->failures_total, memory_order_relaxed);
     out->slow_calls = atomic_load_explicit(&b->slow_calls, memory_order_relaxed);
     out->stale_outcomes = atomic_load_explicit(&b->stale_outcomes, memory_order_relaxed);
+    out->forced_at_ms = atomic_load_explicit(&b->forced_at_ms, memory_order_relaxed);
+    if (out->forced_at_ms != 0) {
+        /* Held open: whatever late outcomes did to the word, nothing is let through. */
+        out->forced = true;
+        out->state = BW_BREAKER_OPEN;
+        out->retry_after_ms = 0;
+        out->half_open_permits = 0;
+        out->half_open_successes = 0;
+    }
 }
 
 bool bw_breaker_is_failure_status(const bw_breaker_conf *c, int status)

@@ -282,3 +282,14 @@ const char *bw_clientip_format(const bw_clientip *ip, char *buf, size_t len)
     buf[n] = '\0';
     return buf;
 }
+
+bool bw_clientip_in(const bw_clientip *ip, const bw_cidr *list, size_t n)
+{
+    if (ip->family != AF_INET && ip->family != AF_INET6)
+        return false;
+    ipaddr a;
+    memset(&a, 0, sizeof(a));
+    a.family = ip->family;
+    memcpy(a.a, ip->addr, sizeof(a.a));
+    return is_trusted(&a, list, n);
+}

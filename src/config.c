@@ -1463,13 +1463,15 @@ static void parse_listeners(vctx *c, const cJSON *root, bw_config *cfg)
 
 static void parse_admin(vctx *c, const cJSON *root, bw_config *cfg)
 {
-    static const char *const fields[] = {"address", "token_env", NULL};
+    static const char *const fields[] = {"address", "token_env", "max_connections", NULL};
     char why[256];
     const cJSON *admin = get_object(c, root, "", "admin", false);
     if (admin == NULL)
         return;
     check_fields(c, admin, "admin", fields);
     cfg->admin.enabled = true;
+    cfg->admin.max_connections = 64;
+    get_u32(c, admin, "admin", "max_connections", 1, 100000, &cfg->admin.max_connections);
     const char *addr = get_string(c, admin, "admin", "address", true);
     if (addr != NULL) {
         cfg->admin.address = vstrdup(c, addr);
@@ -1729,10 +1731,13 @@ static void parse_upstreams(vctx *c, const cJSON *root, bw_config *cfg)
     }
 }
 
+static void parse_cidr_list(vctx *c, const cJSON *arr, const char *path, bw_cidr **list,
+                            size_t *count);
+
 static void parse_rate_limit(vctx *c, const cJSON *o, const char *pp, bw_ratelimit_conf *rl)
 {
-    static const char *const fields[] = {"key",     "capacity",    "refill_per_sec",
-                                         "dry_run", "ipv6_prefix", NULL};
+    static const char *const fields[] = {"key",         "capacity", "refill_per_sec", "dry_run",
+                                         "ipv6_prefix", "exempt",   NULL};
     char kp[PATH_LEN];
 
     rl->key_kind = BW_RL_KEY_CLIENT_IP;
@@ -1745,6 +1750,8 @@ static void parse_rate_limit(vctx *c, const cJSON *o, const char *pp, bw_ratelim
     rl->set_refill = get_number(c, o, pp, "refill_per_sec", 0, MAX_COUNT, &rl->refill_per_sec);
     get_bool(c, o, pp, "dry_run", &rl->dry_run);
     get_u32(c, o, pp, "ipv6_prefix", 1, 128, &rl->ipv6_prefix);
+    path_key(kp, sizeof kp, pp, "exempt");
+    parse_cidr_list(c, field(o, "exempt"), kp, &rl->exempt, &rl->n_exempt);
 
     const char *key = get_string(c, o, pp, "key", false);
     if (key == NULL)
@@ -1982,14 +1989,15 @@ static void parse_routes(vctx *c, const cJSON *root, bw_config *cfg)
     }
 }
 
-static void parse_trusted_proxies(vctx *c, const cJSON *root, bw_config *cfg)
+/* A JSON array of CIDR strings at path (trusted_proxies, a policy's exempt list). */
+static void parse_cidr_list(vctx *c, const cJSON *arr, const char *path, bw_cidr **list,
+                            size_t *count)
 {
     char p[PATH_LEN], got[96], fixed[INET6_ADDRSTRLEN];
-    const cJSON *arr = field(root, "trusted_proxies");
     if (arr == NULL)
         return;
     if (!cJSON_IsArray(arr)) {
-        verr(c, "trusted_proxies",
+        verr(c, path,
              "must be an array of CIDR strings (e.g. [\"10.0.0.0/8\"]), "
              "got %s",
              describe(arr, got, sizeof got));
@@ -1998,16 +2006,16 @@ static void parse_trusted_proxies(vctx *c, const cJSON *root, bw_config *cfg)
     size_t n = (size_t)cJSON_GetArraySize(arr);
     if (n == 0)
         return;
-    cfg->trusted_proxies = vcalloc(c, n, sizeof *cfg->trusted_proxies);
-    if (cfg->trusted_proxies == NULL)
+    *list = vcalloc(c, n, sizeof **list);
+    if (*list == NULL)
         return;
     size_t i = 0;
     const cJSON *el;
     cJSON_ArrayForEach(el, arr)
     {
         bool host_bits;
-        bw_cidr *r = &cfg->trusted_proxies[cfg->n_trusted_proxies];
-        path_idx(p, sizeof p, "trusted_proxies", i++);
+        bw_cidr *r = &(*list)[*count];
+        path_idx(p, sizeof p, path, i++);
         if (!cJSON_IsString(el)) {
             verr(c, p, "must be a CIDR string like \"10.0.0.0/8\", got %s",
                  describe(el, got, sizeof got));
@@ -2021,9 +2029,15 @@ static void parse_trusted_proxies(vctx *c, const cJSON *root, bw_config *cfg)
             verr(c, p, "\"%s\" has bits set beyond the /%u prefix; did you mean \"%s/%u\"?",
                  el->valuestring, (unsigned)r->prefix, fixed, (unsigned)r->prefix);
         } else {
-            cfg->n_trusted_proxies++;
+            (*count)++;
         }
     }
+}
+
+static void parse_trusted_proxies(vctx *c, const cJSON *root, bw_config *cfg)
+{
+    parse_cidr_list(c, field(root, "trusted_proxies"), "trusted_proxies", &cfg->trusted_proxies,
+                    &cfg->n_trusted_proxies);
 }
 
 static void parse_redis(vctx *c, const cJSON *root, bw_config *cfg)
@@ -2320,6 +2334,7 @@ void bw_config_free(bw_config *cfg)
     for (size_t i = 0; i < cfg->n_rate_limits; i++) {
         free(cfg->rate_limits[i].name);
         free(cfg->rate_limits[i].key_header);
+        free(cfg->rate_limits[i].exempt);
     }
     free(cfg->rate_limits);
     free(cfg->trusted_proxies);

@@ -7,6 +7,11 @@
  */
 #include <cjson/cJSON.h>
 #include <event2/event.h>
+/* evhtp.h declares a hook type with an empty parameter list. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wstrict-prototypes"
+#include <evhtp.h>
+#pragma GCC diagnostic pop
 #include <hiredis/hiredis.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,6 +38,7 @@ static void print_versions(void)
     printf("OpenSSL %s\n", bw_tls_library_version());
     printf("cJSON %s\n", cJSON_Version());
     printf("hiredis %d.%d.%d\n", HIREDIS_MAJOR, HIREDIS_MINOR, HIREDIS_PATCH);
+    printf("libevhtp %s\n", EVHTP_VERSION);
 }
 
 /* Builds (and drops) every TLS context, so key/certificate mismatches are reported. */

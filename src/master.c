@@ -76,6 +76,7 @@ typedef struct bw_master {
     size_t n_socks;
     bw_admin *admin;
     char admin_key[80];
+    uint64_t started_wall_ms;
     bw_shm shm;
     bw_redis_sync *redis; /* NULL without a redis section */
     uint64_t worker_restarts, reloads_ok, reloads_failed;
@@ -438,6 +439,7 @@ static void master_status(void *arg, bw_master_status *out)
         out->workers_alive = m->current->alive;
     }
     out->draining = m->stopping;
+    out->started_wall_ms = m->started_wall_ms;
     out->worker_restarts = m->worker_restarts;
     out->reloads_ok = m->reloads_ok;
     out->reloads_failed = m->reloads_failed;
@@ -453,6 +455,20 @@ static void admin_reset_cb(void *arg, const char *upstream)
     bw_master *m = arg;
     if (m->redis)
         (void)bw_redis_sync_reset_breaker(m->redis, upstream);
+}
+
+static void admin_open_cb(void *arg, const char *upstream)
+{
+    bw_master *m = arg;
+    if (m->redis)
+        (void)bw_redis_sync_force_open(m->redis, upstream);
+}
+
+static void admin_ratelimit_delete_cb(void *arg, const char *policy, const char *key)
+{
+    bw_master *m = arg;
+    if (m->redis)
+        (void)bw_redis_sync_delete_ratelimit(m->redis, policy, key);
 }
 
 /* Starts, reconfigures or stops the Redis synchronisation for a newly bound configuration. */
@@ -502,7 +518,11 @@ static int admin_apply(bw_master *m, const bw_config *cfg, char *err, size_t err
         snprintf(err, errlen, "cannot start the admin listener");
         return -1;
     }
-    bw_admin_on_reset(a, admin_reset_cb, m);
+    bw_admin_hooks hooks = {.reset = admin_reset_cb,
+                            .open = admin_open_cb,
+                            .ratelimit_delete = admin_ratelimit_delete_cb,
+                            .arg = m};
+    bw_admin_set_hooks(a, &hooks);
     bw_admin_free(m->admin);
     m->admin = a;
     snprintf(m->admin_key, sizeof(m->admin_key), "%s", key);
@@ -618,6 +638,7 @@ int bw_master_run(const char *config_path, bw_config *cfg)
     bw_master m;
     memset(&m, 0, sizeof(m));
     m.config_path = config_path;
+    m.started_wall_ms = bw_probes_wall_ms();
     char err[256];
     if (bw_log_open(&m.log, &cfg->log, err, sizeof(err)) < 0) {
         fprintf(stderr, "breakwater: %s\n", err);

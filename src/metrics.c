@@ -369,7 +369,8 @@ static void render_connections(const bw_shm *shm, const bw_config *cfg, struct e
     }
 }
 
-static void render_accept_errors(const bw_shm *shm, const bw_config *cfg, struct evbuffer *out)
+static void render_accept_errors(const bw_shm *shm, const bw_config *cfg,
+                                 const bw_metrics_master *m, struct evbuffer *out)
 {
     static const char name[] = "breakwater_accept_errors_total";
     family(out, name, "counter",
@@ -386,6 +387,9 @@ static void render_accept_errors(const bw_shm *shm, const bw_config *cfg, struct
         open_series(out, name, "listener", lc->address);
         evbuffer_add_printf(out, "} %" PRIu64 "\n", sum);
     }
+    /* The admin listener is served by the master, which counts its own. */
+    evbuffer_add_printf(out, "%s{listener=\"admin\"} %" PRIu64 "\n", name,
+                        m ? m->admin_accept_errors : 0);
 }
 
 static void render_redis(const bw_shm *shm, const bw_metrics_master *m, uint64_t wall_ms,
@@ -434,6 +438,10 @@ static void render_process(const bw_shm *shm, const bw_metrics_master *m, struct
                         "breakwater_config_reloads_total{result=\"success\"} %" PRIu64 "\n"
                         "breakwater_config_reloads_total{result=\"failure\"} %" PRIu64 "\n",
                         m ? m->reloads_success : 0, m ? m->reloads_failure : 0);
+    family(out, "breakwater_admin_auth_failures_total", "counter",
+           "Admin requests refused for a missing or wrong bearer token.");
+    evbuffer_add_printf(out, "breakwater_admin_auth_failures_total %" PRIu64 "\n",
+                        m ? m->admin_auth_failures : 0);
     family(out, "breakwater_build_info", "gauge", "Always 1; the version is in the label.");
     put(out, "breakwater_build_info{version=\"");
     put_label(out, BW_VERSION);
@@ -450,7 +458,7 @@ void bw_metrics_render(const bw_shm *shm, const bw_config *cfg, const bw_metrics
     render_breakers(shm, cfg, now_ms, out);
     render_rate_limits(shm, cfg, now_ms, out);
     render_connections(shm, cfg, out);
-    render_accept_errors(shm, cfg, out);
+    render_accept_errors(shm, cfg, m, out);
     render_redis(shm, m, wall_ms, out);
     render_process(shm, m, out);
 }

@@ -61,7 +61,9 @@ int bw_probes_readyz(const bw_shm *shm, const bw_config *cfg, bool draining, uin
         if (!healthy)
             degraded = true;
         char msg[128];
-        if (v.state == BW_BREAKER_CLOSED)
+        if (v.forced)
+            snprintf(msg, sizeof(msg), "circuit held open by the operator");
+        else if (v.state == BW_BREAKER_CLOSED)
             snprintf(msg, sizeof(msg), "circuit closed");
         else if (v.state == BW_BREAKER_OPEN)
             snprintf(msg, sizeof(msg), "circuit open, next probe in %llu ms",
@@ -70,9 +72,10 @@ int bw_probes_readyz(const bw_shm *shm, const bw_config *cfg, bool draining, uin
             snprintf(msg, sizeof(msg), "circuit half open, probing");
         evbuffer_add_printf(checks,
                             "%s{\"name\":\"upstream:%s\",\"healthy\":%s,\"required\":%s,"
-                            "\"circuit_state\":\"%s\",\"message\":\"%s\"}",
+                            "\"circuit_state\":\"%s\",\"forced\":%s,\"message\":\"%s\"}",
                             i ? "," : "", u->name, healthy ? "true" : "false",
-                            u->critical ? "true" : "false", bw_breaker_state_name(v.state), msg);
+                            u->critical ? "true" : "false", bw_breaker_state_name(v.state),
+                            v.forced ? "true" : "false", msg);
     }
     if (atomic_load_explicit(&st->redis_configured, memory_order_relaxed)) {
         bool up = atomic_load_explicit(&st->redis_up, memory_order_relaxed);
@@ -124,12 +127,14 @@ void bw_probes_upstream_json(const bw_shm *shm, const bw_upstream_conf *u, uint6
         out,
         "],\"circuit_breaker\":{\"state\":\"%s\",\"since\":\"%s\",\"failures\":%u,"
         "\"opened_at\":%s,\"retry_after_ms\":%llu,\"wait_ms\":%llu,\"half_open_permits\":%u,"
-        "\"transitions\":{\"closed\":%llu,\"open\":%llu,\"half_open\":%llu},\"rejected\":%llu}}",
+        "\"transitions\":{\"closed\":%llu,\"open\":%llu,\"half_open\":%llu},\"rejected\":%llu,"
+        "\"forced\":%s}}",
         bw_breaker_state_name(v.state), since, v.failures, opened,
         (unsigned long long)v.retry_after_ms, (unsigned long long)v.wait_ms, v.half_open_permits,
         (unsigned long long)v.transitions[BW_BREAKER_CLOSED],
         (unsigned long long)v.transitions[BW_BREAKER_OPEN],
-        (unsigned long long)v.transitions[BW_BREAKER_HALF_OPEN], (unsigned long long)v.rejected);
+        (unsigned long long)v.transitions[BW_BREAKER_HALF_OPEN], (unsigned long long)v.rejected,
+        v.forced ? "true" : "false");
 }
 
 void bw_probes_upstreams_json(const bw_shm *shm, const bw_config *cfg, uint64_t now_ms,

@@ -142,6 +142,7 @@ typedef struct bw_exchange {
     const char *rl_key;
     size_t rl_key_len;
     bool rl_digest;
+    bool rl_exempt; /* the client is in the policy's exempt networks */
     char rl_keytext[BW_CLIENTIP_TEXT_LEN];
 } bw_exchange;
 
@@ -1039,6 +1040,19 @@ static void ratelimit_prepare(bw_session *s, bw_exchange *ex)
     const bw_config *cfg = w->cfg;
     const bw_ratelimit_conf *pc = &cfg->rate_limits[ex->route->rate_limit];
     const bw_http_head *h = &s->req;
+    ex->rl_exempt = false;
+    if (pc->n_exempt > 0) {
+        /* Matched on the whole client address (no IPv6 grouping), found as for client_ip. */
+        char xff[2048];
+        size_t xl = joined_xff(h, xff, sizeof(xff));
+        bw_clientip ip;
+        bw_clientip_key((const struct sockaddr *)&s->peer_sa, xl ? xff : NULL, xl,
+                        cfg->trusted_proxies, cfg->n_trusted_proxies, 128, &ip);
+        if (bw_clientip_in(&ip, pc->exempt, pc->n_exempt)) {
+            ex->rl_exempt = true;
+            return;
+        }
+    }
     if (pc->key_kind == BW_RL_KEY_CLIENT_IP) {
         char xff[2048];
         size_t xl = joined_xff(h, xff, sizeof(xff));
@@ -1069,6 +1083,20 @@ static void ratelimit_prepare(bw_session *s, bw_exchange *ex)
     bw_ratelimit_prefetch(w->rl, (uint32_t)pc->shm_slot, ex->rl_hash);
 }
 
+/* The text a busiest-keys slot shows: the address, or the digest of a header value (a value
+ * may be a secret; the digest is the key's name in Redis too). */
+static void topkey_text(void *arg, char buf[BW_TOPKEYS_TEXT_MAX + 1])
+{
+    const bw_exchange *ex = arg;
+    if (!ex->rl_digest) {
+        snprintf(buf, BW_TOPKEYS_TEXT_MAX + 1, "%.*s", (int)ex->rl_key_len, ex->rl_key);
+        return;
+    }
+    char name[BW_RATELIMIT_FLEET_KEY_MAX + 1];
+    bw_ratelimit_fleet_key_text(ex->rl_key, ex->rl_key_len, true, name);
+    snprintf(buf, BW_TOPKEYS_TEXT_MAX + 1, "%s", name);
+}
+
 /* Rate-limit admission: takes a token for the client's key or answers 429. */
 static bool admit_rate_limit(bw_session *s, bw_exchange *ex)
 {
@@ -1086,6 +1114,10 @@ static bool admit_rate_limit(bw_session *s, bw_exchange *ex)
     bw_ratelimit_decision d =
         bw_ratelimit_take_fleet(w->rl, (uint32_t)pc->shm_slot, ex->rl_hash, ex->rl_key,
                                 ex->rl_key_len, ex->rl_digest, pp, mono_ns(), &res);
+    bw_topkeys *tk = bw_shm_topkeys(w->shm, pc->shm_slot);
+    if (tk)
+        bw_topkeys_record(tk, ex->rl_hash, d != BW_RATELIMIT_ALLOW, res.remaining, mono_ns(),
+                          topkey_text, ex);
     add_extra(ex, "RateLimit-Limit", res.limit);
     add_extra(ex, "RateLimit-Remaining", res.remaining);
     add_extra(ex, "RateLimit-Reset", bw_ratelimit_ceil_seconds(res.reset_after_ns));
@@ -1230,7 +1262,7 @@ static void dispatch_request(bw_session *s)
     }
     /* Admission comes after the head is built only so that the rate-limit entry's cache miss
      * overlaps that work; nothing has been sent anywhere yet. */
-    if (ex->route->rate_limit >= 0 && !admit_rate_limit(s, ex))
+    if (ex->route->rate_limit >= 0 && !ex->rl_exempt && !admit_rate_limit(s, ex))
         return;
 
     if (h->expect_continue && !ex->req_done && h->version_minor == 1) {

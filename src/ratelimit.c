@@ -828,3 +828,23 @@ void bw_ratelimit_params_share(const bw_ratelimit_params *in, uint32_t n, bw_rat
         out->window_ns = (uint64_t)out->capacity * out->interval_ns;
     }
 }
+
+bool bw_ratelimit_refill(bw_ratelimit_table *t, uint32_t policy_id, uint64_t key_hash)
+{
+    uint32_t home;
+    uint64_t tag = key_tag(t, policy_id, key_hash, &home);
+    bool found = false;
+    for (uint32_t i = 0; i < t->probe; i++) {
+        bw_rl_slot *s = slot_at(t, home, i);
+        uint64_t tg = atomic_load_explicit(&s->tag, memory_order_acquire);
+        if (tg == 0)
+            break;
+        if (tg != tag)
+            continue;
+        /* 0 is a full bucket in either encoding; a duplicate entry (see the races above) is
+         * refilled too. */
+        atomic_store_explicit(&s->value, (uint64_t)0, memory_order_release);
+        found = true;
+    }
+    return found;
+}

@@ -96,6 +96,7 @@ typedef enum cmd_kind {
     CMD_HEARTBEAT,
     CMD_LIVE,
     CMD_RL,
+    CMD_OPERATOR, /* force-open and rate-limit refills: the reply says nothing we need */
 } cmd_kind;
 
 /* What this instance knows about one upstream's fleet record (indexed by the shm slot). */
@@ -107,6 +108,8 @@ typedef struct br_rec {
     uint64_t local_at;   /* wall ms stamp of that transition */
     bool known;          /* the record existed the last time it was read */
     bool pending_del;    /* an operator reset whose DEL has not been acknowledged */
+    bool pending_force;  /* an operator force-open not yet written to the record */
+    bool forced_seen;    /* the record carried forced_at_ms when last read */
     uint64_t applied_at; /* stamp of the newest record written or applied */
     char applied_by[ID_MAX];
 } br_rec;
@@ -785,6 +788,7 @@ typedef struct br_record {
     bool has_state;
     bw_breaker_state state;
     uint64_t opened_at, updated_at;
+    uint64_t forced_at; /* held open by an operator since (wall ms); 0 = not forced */
     char by[ID_MAX];
 } br_record;
 
@@ -820,6 +824,9 @@ static int parse_record(const redisReply *rep, br_record *out)
             if (!parse_u64(v->str, v->len, &out->updated_at))
                 return -1;
             have_at = true;
+        } else if (strcmp(name, "forced_at_ms") == 0) {
+            if (!parse_u64(v->str, v->len, &out->forced_at))
+                return -1;
         } else if (strcmp(name, "updated_by") == 0) {
             if (v->len == 0 || v->len >= ID_MAX)
                 return -1;
@@ -863,9 +870,27 @@ static void breaker_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
             rec->applied_by[0] = '\0';
         }
         rec->known = false;
+        rec->forced_seen = false;
         return;
     }
     rec->known = true;
+    /* Maintenance: forced_at_ms holds every instance open until the record is deleted (an
+     * operator reset); a record seen forced and then not is one that was deleted and written
+     * again in between. */
+    if (h.forced_at != 0) {
+        rec->forced_seen = true;
+        if (!bw_breaker_is_forced(b) && !rec->pending_force) {
+            bw_breaker_force_open(b, &u->breaker, to_mono(h.forced_at, nm, nw), nm, NULL);
+            bw_log_info(r->log, "upstream %s: breaker forced open, as set in the fleet", u->name);
+        }
+    } else if (rec->forced_seen && !rec->pending_force) {
+        rec->forced_seen = false;
+        if (bw_breaker_is_forced(b)) {
+            bw_breaker_reset(b, nm, NULL);
+            bw_log_info(r->log, "upstream %s: breaker no longer forced open (reset in the fleet)",
+                        u->name);
+        }
+    }
     if (strcmp(h.by, r->id) == 0) {
         /* Our own write (this one or an earlier one whose reply was lost). */
         if (c->local_at != 0 && h.updated_at == c->local_at && rec->local_at == c->local_at)
@@ -893,6 +918,31 @@ static void breaker_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
     copy_str(rec->applied_by, sizeof(rec->applied_by), h.by);
 }
 
+/* Writes an operator's force-open as the whole record (an operator's action is the newest
+ * state by definition, so it is not conditional). */
+static void send_force(bw_redis_sync *r, const bw_upstream_conf *u, uint32_t slot,
+                       const char *key, uint64_t nm, uint64_t nw)
+{
+    br_rec *rec = &r->br[slot];
+    bw_breaker_view v;
+    bw_breaker_snapshot(bw_shm_breaker(r->shm, u->shm_slot), &u->breaker, nm, &v);
+    char opened[24], at[24], forced[24];
+    snprintf(opened, sizeof(opened), "%" PRIu64, to_wall(v.opened_at_ms, nm, nw));
+    snprintf(at, sizeof(at), "%" PRIu64, nw);
+    snprintf(forced, sizeof(forced), "%" PRIu64, to_wall(v.forced_at_ms, nm, nw));
+    const char *a[] = {"HSET",       key,   "state",         "open",    "failures",
+                       "0",          "opened_at_ms",         opened,    "updated_by",
+                       r->id,        "updated_at_ms",        at,        "forced_at_ms",
+                       forced};
+    if (!send_words(r, CMD_OPERATOR, slot, 14, a))
+        return;
+    rec->pending_force = false;
+    rec->gen = v.generation;
+    rec->dirty = false;
+    rec->applied_at = nw;
+    copy_str(rec->applied_by, sizeof(rec->applied_by), r->id);
+}
+
 /* Notices local transitions and sends one command per upstream. */
 static void breakers_round(bw_redis_sync *r)
 {
@@ -918,6 +968,10 @@ static void breakers_round(bw_redis_sync *r)
         if (rec->pending_del) {
             const char *a[] = {"DEL", key};
             send_words(r, CMD_DEL, slot, 2, a);
+            continue;
+        }
+        if (rec->pending_force) {
+            send_force(r, u, slot, key, nm, nw);
             continue;
         }
         if (!rec->dirty) {
@@ -1229,6 +1283,7 @@ static void handle_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
         }
         break;
     case CMD_HEARTBEAT:
+    case CMD_OPERATOR:
         break;
     case CMD_LIVE:
         if (rep->type == REDIS_REPLY_INTEGER && rep->integer >= 0 && rep->integer < (1 << 20))
@@ -1498,12 +1553,43 @@ int bw_redis_sync_reset_breaker(bw_redis_sync *r, const char *upstream)
     if (!r->enabled)
         return 1;
     rec->pending_del = true;
+    rec->pending_force = false;
+    rec->forced_seen = false;
     if (r->state != CONN_READY || r->ctx == NULL || r->closing)
         return 1;
     char key[BW_SHM_NAME_MAX + 128];
     breaker_key(r, u->name, key, sizeof(key));
     const char *a[] = {"DEL", key};
     return send_words(r, CMD_DEL, (uint32_t)u->shm_slot, 2, a) ? 0 : 1;
+}
+
+int bw_redis_sync_force_open(bw_redis_sync *r, const char *upstream)
+{
+    int i = bw_config_find_upstream(r->cfg, upstream);
+    if (i < 0)
+        return -1;
+    const bw_upstream_conf *u = &r->cfg->upstreams[i];
+    if (u->shm_slot < 0 || (uint32_t)u->shm_slot >= r->n_br)
+        return -1;
+    br_rec *rec = &r->br[u->shm_slot];
+    rec->pending_del = false;
+    rec->pending_force = true;
+    if (!r->enabled || r->state != CONN_READY || r->ctx == NULL || r->closing)
+        return 1; /* written by the next round once Redis is back */
+    char key[BW_SHM_NAME_MAX + 128];
+    breaker_key(r, u->name, key, sizeof(key));
+    send_force(r, u, (uint32_t)u->shm_slot, key, breaker_ms(), wall_ms());
+    return rec->pending_force ? 1 : 0;
+}
+
+int bw_redis_sync_delete_ratelimit(bw_redis_sync *r, const char *policy, const char *key)
+{
+    if (!r->enabled || r->state != CONN_READY || r->ctx == NULL || r->closing)
+        return 1;
+    char k[512];
+    snprintf(k, sizeof(k), "%s:rate-limit:%s:%s", r->prefix, policy, key);
+    const char *a[] = {"DEL", k};
+    return send_words(r, CMD_OPERATOR, 0, 2, a) ? 0 : 1;
 }
 
 void bw_redis_sync_stats(const bw_redis_sync *r, bw_redis_stats *out)

@@ -160,6 +160,8 @@ int bw_shm_create(bw_shm *shm, const bw_config *cfg, char *err, size_t errlen)
     size_t off_rl = off;
     off = align_up(off + (fleet ? bw_ratelimit_table_size_bytes_fleet(rl_entries)
                                 : bw_ratelimit_table_size_bytes(rl_entries)));
+    size_t off_top = off;
+    off = align_up(off + (size_t)n_pol * sizeof(bw_topkeys));
     size_t size = off;
 
     bw_ratelimit_seed seed;
@@ -195,6 +197,7 @@ int bw_shm_create(bw_shm *shm, const bw_config *cfg, char *err, size_t errlen)
     h->off_listeners = off_lis;
     h->off_workers = off_workers;
     h->off_ratelimit = off_rl;
+    h->off_topkeys = off_top;
     h->worker_slot_size = wl.size;
     h->rl_seed = seed;
 
@@ -426,6 +429,8 @@ static void apply_kind(const bw_shm *shm, enum slot_kind k, const bind_plan *p, 
             }
             if (k == KIND_UPSTREAM)
                 bw_breaker_init(&bw_shm_upstream_at(shm, (int)i)->breaker, now_ms);
+            if (k == KIND_POLICY)
+                bw_topkeys_init(bw_shm_topkeys(shm, (int)i));
         }
         atomic_store_explicit(&id->generation, generation, memory_order_relaxed);
     }
@@ -699,4 +704,11 @@ _Atomic uint64_t *bw_shm_accept_errors_cell(const bw_shm *shm, int worker_slot, 
         (uint32_t)listener_slot >= shm->hdr->n_listener_slots)
         return NULL;
     return accept_errors_cell(shm, (uint32_t)worker_slot, (uint32_t)listener_slot);
+}
+
+bw_topkeys *bw_shm_topkeys(const bw_shm *shm, int policy_slot)
+{
+    if (policy_slot < 0 || (uint32_t)policy_slot >= shm->hdr->n_policy_slots)
+        return NULL;
+    return (bw_topkeys *)((unsigned char *)shm->base + shm->hdr->off_topkeys) + policy_slot;
 }

@@ -70,6 +70,7 @@ typedef struct bw_breaker {
     _Atomic uint64_t tally[3];          /* transitions into each state, generation-marked */
     _Atomic uint64_t opened_at_ms;      /* last time it opened; 0 = never */
     _Atomic uint64_t updated_at_ms;     /* last time the state changed */
+    _Atomic uint64_t forced_at_ms;      /* held open by the operator since; 0 = not forced */
     _Alignas(64) _Atomic uint64_t failures; /* generation-stamped consecutive failures */
     _Atomic uint64_t window[BW_BREAKER_WINDOW_BUCKETS]; /* stamped request/failure counts */
     _Alignas(64) _Atomic uint64_t rejected;
@@ -127,6 +128,8 @@ typedef struct bw_breaker_view {
     uint64_t failures_total;
     uint64_t slow_calls;
     uint64_t stale_outcomes;
+    bool forced;           /* held open by the operator (state then reads open) */
+    uint64_t forced_at_ms; /* since when; 0 when not forced */
 } bw_breaker_view;
 
 /* Sets up a closed breaker. Not concurrent: call it once, before any worker sees the record. */
@@ -153,7 +156,18 @@ void bw_breaker_report(bw_breaker *b, const bw_breaker_conf *c, uint64_t now_ms,
                        const bw_breaker_ticket *ticket, bw_breaker_outcome outcome, uint32_t rnd,
                        bw_breaker_transition *t);
 
-/* Operator reset: closed, with counters and backoff cleared. True when the state changed. */
+/*
+ * Operator maintenance (POST /upstreams/{name}/open): the breaker opens and stays open, refusing
+ * every request, until bw_breaker_reset(); the reset timeout does not apply. forced_at_ms is when
+ * the operator asked (0 = now), so that a fleet that learns it later shows the same time.
+ * True when it was not forced before.
+ */
+bool bw_breaker_force_open(bw_breaker *b, const bw_breaker_conf *c, uint64_t forced_at_ms,
+                           uint64_t now_ms, bw_breaker_transition *t);
+bool bw_breaker_is_forced(const bw_breaker *b);
+
+/* Operator reset: closed, with counters and backoff cleared, and no longer forced open. True
+ * when the state changed. */
 bool bw_breaker_reset(bw_breaker *b, uint64_t now_ms, bw_breaker_transition *t);
 
 /*

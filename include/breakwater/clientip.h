@@ -55,6 +55,10 @@ int bw_clientip_key(const struct sockaddr *peer, const char *xff, size_t xff_len
                     const bw_cidr *trusted, size_t n_trusted, uint32_t ipv6_prefix,
                     bw_clientip *out);
 
+/* True when ip (with its prefix at 128 for IPv6, i.e. the whole address) is in one of the
+ * networks of list. */
+bool bw_clientip_in(const bw_clientip *ip, const bw_cidr *list, size_t n);
+
 /* Writes the printable form of ip into buf (always NUL-terminated when len > 0); returns buf. */
 const char *bw_clientip_format(const bw_clientip *ip, char *buf, size_t len);
 

@@ -61,6 +61,7 @@ typedef struct bw_admin_conf {
     char *address;
     bw_sockaddr addr;
     char *token_env; /* name of the environment variable holding the bearer token, or NULL */
+    uint32_t max_connections; /* open admin connections at once; default 64 */
 } bw_admin_conf;
 
 typedef struct bw_breaker_conf {
@@ -118,6 +119,8 @@ typedef struct bw_ratelimit_conf {
     double refill_per_sec; /* >= 0 */
     bool dry_run;
     uint32_t ipv6_prefix;  /* IPv6 clients grouped by this prefix length; default 64 */
+    struct bw_cidr *exempt; /* clients in these networks take no token and get no headers */
+    size_t n_exempt;
     bool set_capacity, set_refill; /* explicit in the file (env overrides apply otherwise) */
     int shm_slot; /* assigned by bw_shm_bind(): the policy id in the rate-limit table */
 } bw_ratelimit_conf;

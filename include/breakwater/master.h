@@ -28,6 +28,7 @@ typedef struct bw_master_status {
     uint64_t reloads_ok;
     uint64_t reloads_failed;
     uint64_t redis_pending_deltas;
+    uint64_t started_wall_ms; /* when the master started (wall clock) */
 } bw_master_status;
 
 #endif

@@ -19,6 +19,8 @@ typedef struct bw_metrics_master {
     uint64_t reloads_success;
     uint64_t reloads_failure;
     uint64_t redis_pending_deltas; /* rate-limit deltas not yet written to Redis */
+    uint64_t admin_accept_errors;  /* accept() failures on the admin listener */
+    uint64_t admin_auth_failures;  /* admin requests refused for a missing or wrong token */
 } bw_metrics_master;
 
 /*

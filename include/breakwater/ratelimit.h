@@ -95,6 +95,10 @@ bw_ratelimit_decision bw_ratelimit_take(bw_ratelimit_table *t, uint32_t policy_i
                                         uint64_t key_hash, const bw_ratelimit_params *p,
                                         uint64_t now, bw_ratelimit_result *out);
 
+/* Operator refill (DELETE /ratelimits/{policy}/{key}): the key's bucket becomes full. Returns
+ * false when the key has no entry (its bucket is full already). Lock-free, like a decision. */
+bool bw_ratelimit_refill(bw_ratelimit_table *t, uint32_t policy_id, uint64_t key_hash);
+
 /* Whole seconds, rounded up, for Retry-After and RateLimit-Reset; NEVER and anything beyond a
  * year become BW_RATELIMIT_MAX_SECONDS. */
 uint64_t bw_ratelimit_ceil_seconds(uint64_t ns);

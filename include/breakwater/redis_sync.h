@@ -84,6 +84,15 @@ void bw_redis_sync_set_share_when_down(bw_redis_sync *r, bool on);
  * an unknown upstream.
  */
 int bw_redis_sync_reset_breaker(bw_redis_sync *r, const char *upstream);
+/*
+ * Operator force-open (POST /upstreams/{name}/open), after the local breaker was forced: writes
+ * the record with forced_at_ms, which every instance honours until the record is deleted by a
+ * reset. Returns 0 when sent, 1 when it will be sent once Redis is back, -1 for an unknown name.
+ */
+int bw_redis_sync_force_open(bw_redis_sync *r, const char *upstream);
+/* Operator refill (DELETE /ratelimits/{policy}/{key}): deletes {prefix}:rate-limit:{policy}:{key}.
+ * Returns 0 when sent, 1 when Redis is unavailable (not retried: the local bucket is full). */
+int bw_redis_sync_delete_ratelimit(bw_redis_sync *r, const char *policy, const char *key);
 
 void bw_redis_sync_stats(const bw_redis_sync *r, bw_redis_stats *out);
 const char *bw_redis_sync_instance_id(const bw_redis_sync *r);

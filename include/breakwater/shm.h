@@ -24,6 +24,7 @@
 #include "breakwater/breaker.h"
 #include "breakwater/config.h"
 #include "breakwater/ratelimit.h"
+#include "breakwater/topkeys.h"
 
 #define BW_SHM_MAGIC 0x42574d53u /* "BWMS" */
 #define BW_SHM_VERSION 1u
@@ -106,6 +107,7 @@ typedef struct bw_shm_header {
     uint32_t n_upstream_slots, n_route_slots, n_policy_slots, n_listener_slots, n_worker_slots;
     uint32_t rl_entries;
     uint64_t off_upstreams, off_routes, off_policies, off_listeners, off_workers, off_ratelimit;
+    uint64_t off_topkeys; /* one bw_topkeys per policy slot */
     uint64_t worker_slot_size; /* bytes per worker slot including its variable part */
     bw_ratelimit_seed rl_seed;
     bw_shm_status status;
@@ -149,6 +151,8 @@ bw_shm_named *bw_shm_policy_at(const bw_shm *shm, int policy_slot);
 bw_shm_named *bw_shm_listener_at(const bw_shm *shm, int listener_slot);
 bw_worker_slot *bw_shm_worker(const bw_shm *shm, int worker_slot);
 bw_ratelimit_table *bw_shm_ratelimit(const bw_shm *shm);
+/* The busiest-keys table of a policy slot (NULL when out of range). */
+bw_topkeys *bw_shm_topkeys(const bw_shm *shm, int policy_slot);
 
 /* Counter cells of one worker slot, for the scrape (NULL when a slot is out of range). The
  * requests row holds BW_METRICS_CODES cells, index status - 100; route_slot -1 = no route. */

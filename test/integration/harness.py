@@ -1891,3 +1891,43 @@ def readyz_check(doc, name):
         if c.get("name") == name:
             return c
     raise AssertionError("no check %r in /readyz: %r" % (name, doc))
+
+
+# ---------------------------------------------------------------------------------------------
+# Admin listener (test_admin.py, test_status_page.py)
+
+def cpu_seconds(pid):
+    """User + system CPU time a process has used so far, from /proc/<pid>/stat."""
+    stat = Path("/proc/%d/stat" % pid).read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def raw_exchange(port, data, timeout=10.0):
+    """Sends raw bytes on a fresh connection and reads until the peer closes (or timeout).
+    Returns (bytes received, how it ended: "closed", "reset" or "timeout")."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    got = b""
+    end = deadline_after(timeout)
+    try:
+        try:
+            s.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return got, "timeout"
+            s.settimeout(left)
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                return got, "timeout"
+            except ConnectionResetError:
+                return got, "reset"
+            if not chunk:
+                return got, "closed"
+            got += chunk
+    finally:
+        s.close()

@@ -139,8 +139,13 @@ def test_admin_token(upstream, bw_bin, tmp_path):
     cfg["admin"]["token_env"] = "BW_TEST_ADMIN_TOKEN"
     bw = TokenBreakwater(cfg, tmp_path, env={"BW_TEST_ADMIN_TOKEN": TOKEN}, binary=bw_bin)
     try:
-        admin_paths = [("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"),
-                       ("GET", "/upstreams"), ("POST", "/upstreams/api/reset")]
+        # Probes never need the token (kubelets send none); test_admin.py covers the rest.
+        for path in ("/healthz", "/readyz"):
+            for auth in (None, "Bearer wrong-token"):
+                hs = [] if auth is None else [("Authorization", auth)]
+                assert harness.admin_request(bw, "GET", path, headers=hs).status == 200, path
+        admin_paths = [("GET", "/metrics"), ("GET", "/upstreams"),
+                       ("POST", "/upstreams/api/reset")]
         for method, path in admin_paths:
             for auth in (None, "Bearer wrong-token", "Basic " + TOKEN, TOKEN,
                          "Bearer " + TOKEN + "x"):

@@ -1162,6 +1162,54 @@ static void test_stress_processes_with_kill(void **state)
     munmap(b, sizeof(*b));
 }
 
+/* Operator maintenance: held open whatever the timers and late outcomes do, until reset. */
+static void test_forced_open(void **state)
+{
+    (void)state;
+    bw_breaker b;
+    bw_breaker_conf c = conf_default();
+    bw_breaker_init(&b, 1000);
+    bw_breaker_ticket early;
+    assert_int_equal(allow(&b, &c, 1000, &early), BW_BREAKER_ALLOW);
+    bw_breaker_transition t = {0};
+    assert_true(bw_breaker_force_open(&b, &c, 0, 2000, &t));
+    assert_true(t.happened);
+    assert_int_equal(t.to, BW_BREAKER_OPEN);
+    assert_false(bw_breaker_force_open(&b, &c, 0, 2100, NULL)); /* already forced */
+    assert_true(bw_breaker_is_forced(&b));
+    bw_breaker_view v;
+    bw_breaker_snapshot(&b, &c, 2000, &v);
+    assert_true(v.forced);
+    assert_int_equal(v.forced_at_ms, 2000);
+    assert_int_equal(v.state, BW_BREAKER_OPEN);
+    /* Far past the reset timeout: no half-open probe, every request refused. */
+    uint64_t retry = 0;
+    bw_breaker_ticket tk;
+    for (uint64_t now = 2000; now < 2000 + 10 * 300000; now += 30000)
+        assert_int_equal(bw_breaker_allow(&b, &c, now, PROBE_TIMEOUT, &tk, &retry, NULL),
+                         BW_BREAKER_REJECT);
+    assert_int_equal(retry, c.reset_timeout_ms);
+    /* A late success of a request admitted before cannot close it either. */
+    bw_breaker_report(&b, &c, 5000, &early, BW_BREAKER_SUCCESS, 0, NULL);
+    bw_breaker_snapshot(&b, &c, 5000, &v);
+    assert_true(v.forced);
+    assert_int_equal(v.state, BW_BREAKER_OPEN);
+    assert_true(v.rejected >= 100);
+    /* The fleet telling it "closed" does not lift maintenance; only a reset does. */
+    bw_breaker_force(&b, &c, BW_BREAKER_CLOSED, 0, 6000, NULL);
+    assert_int_equal(allow(&b, &c, 6000, &tk), BW_BREAKER_REJECT);
+    bw_breaker_reset(&b, 7000, NULL);
+    assert_false(bw_breaker_is_forced(&b));
+    assert_int_equal(allow(&b, &c, 7000, &tk), BW_BREAKER_ALLOW);
+    bw_breaker_snapshot(&b, &c, 7000, &v);
+    assert_false(v.forced);
+    assert_int_equal(v.state, BW_BREAKER_CLOSED);
+    /* A forced time from the fleet is kept as given. */
+    assert_true(bw_breaker_force_open(&b, &c, 6500, 8000, NULL));
+    bw_breaker_snapshot(&b, &c, 8000, &v);
+    assert_int_equal(v.forced_at_ms, 6500);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1210,6 +1258,7 @@ int main(void)
         cmocka_unit_test(test_killed_before_lease_written),
         cmocka_unit_test(test_zero_limits_are_clamped),
         cmocka_unit_test(test_describe_all_causes),
+        cmocka_unit_test(test_forced_open),
         cmocka_unit_test(test_stress_processes_with_kill),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -64,6 +64,40 @@ static const char *ident(const char *peer_text, const char *xff, uint32_t prefix
     return out->text;
 }
 
+/* Exempt networks match the client found by the walk, on its whole address. */
+static void test_exempt_matching(void **state)
+{
+    (void)state;
+    bw_cidr ex[3];
+    assert_int_equal(bw_cidr_parse("198.51.100.0/24", &ex[0]), 0);
+    assert_int_equal(bw_cidr_parse("2001:db8:1:2::5/128", &ex[1]), 0);
+    assert_int_equal(bw_cidr_parse("192.0.2.7", &ex[2]), 0);
+    bw_clientip c;
+    ident("198.51.100.200", NULL, 128, &c);
+    assert_true(bw_clientip_in(&c, ex, 3));
+    ident("198.51.101.1", NULL, 128, &c);
+    assert_false(bw_clientip_in(&c, ex, 3));
+    ident("192.0.2.7", NULL, 128, &c);
+    assert_true(bw_clientip_in(&c, ex, 3));
+    ident("192.0.2.8", NULL, 128, &c);
+    assert_false(bw_clientip_in(&c, ex, 3));
+    ident("2001:db8:1:2::5", NULL, 128, &c);
+    assert_true(bw_clientip_in(&c, ex, 3));
+    ident("2001:db8:1:2::6", NULL, 128, &c);
+    assert_false(bw_clientip_in(&c, ex, 3));
+    /* A mapped IPv4 peer is that IPv4 client. */
+    ident("::ffff:198.51.100.9", NULL, 128, &c);
+    assert_true(bw_clientip_in(&c, ex, 3));
+    /* Through a trusted proxy: the right-most untrusted element decides. */
+    ident("127.0.0.1", "198.51.100.1", 128, &c);
+    assert_true(bw_clientip_in(&c, ex, 3));
+    ident("127.0.0.1", "198.51.100.1, 203.0.113.1", 128, &c);
+    assert_false(bw_clientip_in(&c, ex, 3));
+    ident("192.0.2.99", "198.51.100.1", 128, &c); /* untrusted peer: X-Forwarded-For ignored */
+    assert_false(bw_clientip_in(&c, ex, 3));
+    assert_false(bw_clientip_in(&c, ex, 0));
+}
+
 static void test_untrusted_peer_ignores_xff(void **state)
 {
     (void)state;
@@ -327,6 +361,7 @@ int main(void)
         cmocka_unit_test(test_ipv4_mapped),
         cmocka_unit_test(test_non_ip_peer),
         cmocka_unit_test(test_format),
+        cmocka_unit_test_setup(test_exempt_matching, setup),
         cmocka_unit_test(test_random_input),
     };
     return cmocka_run_group_tests(tests, setup, NULL);

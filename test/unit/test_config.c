@@ -9,6 +9,8 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <sys/socket.h>
+
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <stdio.h>
@@ -525,6 +527,50 @@ static void test_admin_rules(void **state)
     assert_string_equal(cfg->admin.token_env, "BW_TOKEN");
     assert_true(cfg->admin.enabled);
     bw_config_free(cfg);
+}
+
+static void test_admin_max_connections(void **state)
+{
+    (void)state;
+    bw_config *cfg = parse_ok("{" LISTEN ", \"admin\": {\"address\": \"127.0.0.1:9901\"}," UPS
+                              "," ROUTES "}");
+    assert_int_equal(cfg->admin.max_connections, 64);
+    bw_config_free(cfg);
+    cfg = parse_ok("{" LISTEN ", \"admin\": {\"address\": \"127.0.0.1:9901\", "
+                   "\"max_connections\": 8}," UPS "," ROUTES "}");
+    assert_int_equal(cfg->admin.max_connections, 8);
+    bw_config_free(cfg);
+    expect_error("{" LISTEN ", \"admin\": {\"address\": \"127.0.0.1:9901\", "
+                 "\"max_connections\": 0}," UPS "," ROUTES "}",
+                 "test.json:1:104: admin.max_connections: must be an integer between 1 and 100000");
+    expect_error("{" LISTEN ", \"admin\": {\"address\": \"127.0.0.1:9901\", "
+                 "\"max_connections\": \"many\"}," UPS "," ROUTES "}",
+                 "admin.max_connections:");
+}
+
+static void test_rate_limit_exempt(void **state)
+{
+    (void)state;
+    bw_config *cfg = parse_ok("{" LISTEN "," UPS ",\"rate_limits\": {\"p\": {\"exempt\": "
+                              "[\"10.0.0.0/8\", \"2001:db8::/32\", \"192.0.2.1\"]}},"
+                              "\"routes\":[{\"upstream\":\"api\",\"rate_limit\":\"p\"}]}");
+    assert_int_equal(cfg->rate_limits[0].n_exempt, 3);
+    assert_int_equal(cfg->rate_limits[0].exempt[0].family, AF_INET);
+    assert_int_equal(cfg->rate_limits[0].exempt[0].prefix, 8);
+    assert_int_equal(cfg->rate_limits[0].exempt[1].family, AF_INET6);
+    assert_int_equal(cfg->rate_limits[0].exempt[2].prefix, 32);
+    bw_config_free(cfg);
+    expect_errors("{" LISTEN "," UPS ",\"rate_limits\": {\"p\": {\"exempt\": "
+                  "[\"10.0.0.1/8\", \"nonsense\", 7]}},"
+                  "\"routes\":[{\"upstream\":\"api\",\"rate_limit\":\"p\"}]}",
+                  3,
+                  (const char *[]){"rate_limits.p.exempt[0]: \"10.0.0.1/8\" has bits set beyond "
+                                   "the /8 prefix; did you mean \"10.0.0.0/8\"?",
+                                   "rate_limits.p.exempt[1]: invalid CIDR \"nonsense\"",
+                                   "rate_limits.p.exempt[2]: must be a CIDR string"});
+    expect_error("{" LISTEN "," UPS ",\"rate_limits\": {\"p\": {\"exempt\": \"10.0.0.0/8\"}},"
+                 "\"routes\":[{\"upstream\":\"api\",\"rate_limit\":\"p\"}]}",
+                 "test.json:1:128: rate_limits.p.exempt: must be an array of CIDR strings");
 }
 
 static void test_upstream_rules(void **state)
@@ -1279,6 +1325,8 @@ int main(void)
         cmocka_unit_test_setup(test_diag_grows, reset_env),
         cmocka_unit_test_setup(test_position_fallback_without_match, reset_env),
         cmocka_unit_test_setup(test_example_shape_passes, reset_env),
+        cmocka_unit_test_setup(test_admin_max_connections, reset_env),
+        cmocka_unit_test_setup(test_rate_limit_exempt, reset_env),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
