@@ -508,6 +508,13 @@ static int admin_apply(bw_master *m, const bw_config *cfg, char *err, size_t err
     return 0;
 }
 
+/* Says which environment overrides are in effect (at start and after every reload). */
+static void log_overrides(bw_master *m, const bw_config *cfg)
+{
+    for (size_t i = 0; i < cfg->n_notes; i++)
+        bw_log_msg(&m->log, cfg->notes_warn[i] ? BW_LOG_WARN : BW_LOG_INFO, "%s", cfg->notes[i]);
+}
+
 static void reload(bw_master *m)
 {
     bw_log_info(&m->log, "SIGHUP: reloading %s", m->config_path);
@@ -531,9 +538,12 @@ static void reload(bw_master *m)
         return;
     }
     bw_diag_free(&diag);
+    log_overrides(m, g->cfg);
     redis_apply(m, g->cfg);
     bw_generation *old = m->current;
     m->current = g;
+    m->log.json = g->cfg->log.error_json; /* before the fork: new workers copy the log */
+    m->log.query = g->cfg->log.query;
     spawn_missing(m);
     lsock_sweep(m);
     if (old) {
@@ -666,6 +676,7 @@ int bw_master_run(const char *config_path, bw_config *cfg)
         goto out;
     }
     bw_diag_free(&diag);
+    log_overrides(&m, m.current->cfg);
     if (admin_apply(&m, m.current->cfg, err, sizeof(err)) < 0) {
         bw_log_error(&m.log, "%s: admin: cannot listen on %s: %s", m.current->cfg->path,
                      m.current->cfg->admin.address, err);
