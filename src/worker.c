@@ -210,6 +210,9 @@ int bw_worker_run(const bw_worker_args *args)
     struct timeval second = {1, 0};
     event_add(w.parent_timer, &second);
 
+    bw_worker_slot *slot = bw_shm_worker(w.shm, w.worker_slot);
+    if (slot) /* the master's readiness notification waits for this */
+        atomic_store(&slot->accepting, 1u);
     bw_log_info(w.log, "worker %d started (pid %d)", w.index, (int)getpid());
     event_base_dispatch(w.base);
     rc = 0;

@@ -1891,3 +1891,56 @@ def readyz_check(doc, name):
         if c.get("name") == name:
             return c
     raise AssertionError("no check %r in /readyz: %r" % (name, doc))
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's notification socket: pass .env_value as
+    NOTIFY_SOCKET. Each received message is (sender pid, {KEY: VALUE}); the sender's pid comes
+    from the kernel (SCM_CREDENTIALS), so a test can tell who sent it."""
+
+    def __init__(self, tmp_path, abstract=False):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        if abstract:
+            name = "bw-notify-%d-%d" % (os.getpid(), next(_instance_counter))
+            self.sock.bind("\0" + name)
+            self.env_value = "@" + name
+        else:
+            path = str(Path(tmp_path) / ("notify-%d.sock" % next(_instance_counter)))
+            self.sock.bind(path)
+            self.env_value = path
+        self.messages = []
+
+    def recv(self, timeout):
+        """The next message, or None when none arrives within timeout seconds."""
+        r, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
+        if not r:
+            return None
+        creds = struct.calcsize("3i")
+        data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(creds))
+        pid = None
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = struct.unpack("3i", payload[:creds])[0]
+        fields = {}
+        for line in data.decode("utf-8", "replace").split("\n"):
+            if "=" in line:
+                k, v = line.split("=", 1)
+                fields[k] = v
+        msg = (pid, fields)
+        self.messages.append(msg)
+        return msg
+
+    def wait_for(self, key, timeout=10.0):
+        """Reads messages until one carries key; returns it (HarnessError on timeout)."""
+        end = deadline_after(timeout)
+        while True:
+            msg = self.recv(end - time.monotonic())
+            if msg is not None and key in msg[1]:
+                return msg
+            if time.monotonic() >= end:
+                raise HarnessError("no %s notification within %.1f s (got %r)"
+                                   % (key, timeout, self.messages))
+
+    def close(self):
+        self.sock.close()
