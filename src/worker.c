@@ -89,6 +89,22 @@ static void start_drain(bw_worker *w, const char *why)
                          .tv_usec = (w->cfg->shutdown_timeout_ms % 1000) * 1000};
     evtimer_add(w->drain_timer, &tv);
     bw_proxy_drain(w);
+    uint32_t grace = w->cfg->drain_idle_grace_ms;
+    struct timeval gtv = {.tv_sec = grace / 1000, .tv_usec = (grace % 1000) * 1000};
+    evtimer_add(w->idle_grace_timer, &gtv);
+    drain_done_check(w);
+}
+
+/* The grace period of idle keep-alive connections is over: those still idle are closed. */
+static void idle_grace_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    bw_worker *w = arg;
+    size_t n = bw_proxy_close_idle(w);
+    if (n > 0)
+        bw_log_debug(w->log, "drain: closed %zu idle connection(s) after %u ms", n,
+                     w->cfg->drain_idle_grace_ms);
     drain_done_check(w);
 }
 
@@ -201,7 +217,9 @@ int bw_worker_run(const bw_worker_args *args)
     w.ev_hup = evsignal_new(w.base, SIGHUP, signal_cb, &w);
     w.drain_timer = evtimer_new(w.base, drain_timeout_cb, &w);
     w.parent_timer = event_new(w.base, -1, EV_PERSIST, parent_check_cb, &w);
-    if (!w.ev_term || !w.ev_int || !w.ev_usr1 || !w.ev_hup || !w.drain_timer || !w.parent_timer)
+    w.idle_grace_timer = evtimer_new(w.base, idle_grace_cb, &w);
+    if (!w.ev_term || !w.ev_int || !w.ev_usr1 || !w.ev_hup || !w.drain_timer || !w.parent_timer ||
+        !w.idle_grace_timer)
         goto out;
     evsignal_add(w.ev_term, NULL);
     evsignal_add(w.ev_int, NULL);
@@ -228,7 +246,9 @@ out:
     bw_upstream_pools_free(w.pools, w.cfg->n_upstreams);
     free(w.rl_params);
     free(w.resp_head);
-    struct event *evs[] = {w.ev_term, w.ev_int, w.ev_usr1, w.ev_hup, w.drain_timer, w.parent_timer};
+    struct event *evs[] = {w.ev_term,     w.ev_int,       w.ev_usr1,
+                           w.ev_hup,      w.drain_timer,  w.parent_timer,
+                           w.idle_grace_timer};
     for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
         if (evs[i])
             event_free(evs[i]);
