@@ -252,6 +252,19 @@ static void render_upstream_counters(const bw_shm *shm, const bw_config *cfg, st
     }
 }
 
+/* Which upstreams are critical (their open breaker fails readiness), so that alert rules can
+ * join on it instead of naming upstreams. */
+static void render_critical(const bw_config *cfg, struct evbuffer *out)
+{
+    static const char name[] = "breakwater_upstream_critical";
+    family(out, name, "gauge",
+           "1 when the upstream is critical (its open breaker makes /readyz answer 503), else 0.");
+    for (size_t i = 0; cfg && i < cfg->n_upstreams; i++) {
+        open_series(out, name, "upstream", cfg->upstreams[i].name);
+        evbuffer_add_printf(out, "} %d\n", cfg->upstreams[i].critical ? 1 : 0);
+    }
+}
+
 static void render_breakers(const bw_shm *shm, const bw_config *cfg, uint64_t now_ms,
                             struct evbuffer *out)
 {
@@ -610,6 +623,7 @@ void bw_metrics_render(const bw_shm *shm, const bw_config *cfg, const bw_metrics
     render_requests(shm, cfg, out);
     render_upstream_counters(shm, cfg, out);
     render_breakers(shm, cfg, now_ms, out);
+    render_critical(cfg, out);
     render_rate_limits(shm, cfg, now_ms, out);
     render_connections(shm, cfg, out);
     render_redis(shm, m, wall_ms, out);

@@ -31,7 +31,7 @@
 static const char BASE[] =
     "{\"workers\": 2, \"rate_limit_table_size\": 1024,"
     " \"listeners\": [{\"address\": \"127.0.0.1:8080\"}],"
-    " \"upstreams\": {\"api\": {\"servers\": [\"127.0.0.1:9001\"]},"
+    " \"upstreams\": {\"api\": {\"servers\": [\"127.0.0.1:9001\"], \"critical\": true},"
     "                 \"web\": {\"servers\": [\"127.0.0.1:9002\"]}},"
     " \"routes\": [{\"path_prefix\": \"/api\", \"name\": \"r\", \"upstream\": \"api\","
     "               \"rate_limit\": \"pc\"},"
@@ -216,6 +216,9 @@ static void test_upstream_and_breaker_families(void **state)
         t, "breakwater_circuit_breaker_transitions_total{upstream=\"web\",to=\"half_open\"} 0");
     expect_line(t, "breakwater_circuit_breaker_rejected_total{upstream=\"api\"} 1");
     expect_line(t, "breakwater_circuit_breaker_rejected_total{upstream=\"web\"} 0");
+    expect_line(t, "# TYPE breakwater_upstream_critical gauge");
+    expect_line(t, "breakwater_upstream_critical{upstream=\"api\"} 1");
+    expect_line(t, "breakwater_upstream_critical{upstream=\"web\"} 0");
 }
 
 static void test_rate_limit_and_process_families(void **state)
