@@ -1608,9 +1608,11 @@ static void parse_breaker(vctx *c, const cJSON *ub, const char *up, bw_breaker_c
     const env_over *e = &c->env;
     if (e->has_threshold) {
         vnote(c, b->set_failure_threshold,
-              "environment CIRCUIT_BREAKER_FAILURE_THRESHOLD=%" PRIu32 " replaces %s.failure_threshold"
+              "environment CIRCUIT_BREAKER_FAILURE_THRESHOLD=%" PRIu32
+              " replaces %s.failure_threshold"
               " (was %" PRIu32 "%s)",
-              e->threshold, p, b->failure_threshold, b->set_failure_threshold ? "" : ", the default");
+              e->threshold, p, b->failure_threshold,
+              b->set_failure_threshold ? "" : ", the default");
         b->failure_threshold = e->threshold;
     }
     if (e->has_reset) {
@@ -1636,7 +1638,7 @@ static void parse_breaker(vctx *c, const cJSON *ub, const char *up, bw_breaker_c
         path_key(sp, sizeof sp, p, "max_reset_timeout_ms");
         verr(c, sp, "must be at least reset_timeout_ms (%" PRIu32 "%s), got %" PRIu32,
              b->reset_timeout_ms,
-             e->has_reset ? " from CIRCUIT_BREAKER_RESET_TIMEOUT_SECONDS"
+             e->has_reset              ? " from CIRCUIT_BREAKER_RESET_TIMEOUT_SECONDS"
              : b->set_reset_timeout_ms ? ""
                                        : " (the default)",
              b->max_reset_timeout_ms);
@@ -1826,8 +1828,8 @@ static void rate_limit_env(vctx *c, bw_config *cfg)
     bw_ratelimit_conf *d = &cfg->rate_limits[cfg->default_rate_limit];
     if (e->has_capacity) {
         vnote(c, d->set_capacity,
-              "environment RATE_LIMIT_CAPACITY=%" PRIu32 " replaces rate_limits.%s.capacity (was %" PRIu32
-              "%s)",
+              "environment RATE_LIMIT_CAPACITY=%" PRIu32
+              " replaces rate_limits.%s.capacity (was %" PRIu32 "%s)",
               e->capacity, d->name, d->capacity, d->set_capacity ? "" : ", the default");
         d->capacity = e->capacity;
     }
@@ -1905,7 +1907,6 @@ static void parse_rate_limits(vctx *c, const cJSON *root, bw_config *cfg)
         }
         parse_rate_limit(c, o, pp, rl);
     }
-
 }
 
 static bool valid_route_host(const char *h)
@@ -2151,8 +2152,8 @@ static void parse_redis(vctx *c, const cJSON *root, bw_config *cfg)
 
 static void parse_log(vctx *c, const cJSON *root, bw_config *cfg)
 {
-    static const char *const fields[] = {"error_log", "access_log", "level", "error_format",
-                                         "query",     NULL};
+    static const char *const fields[] = {"error_log",    "access_log", "level",
+                                         "error_format", "query",      NULL};
     const cJSON *o = get_object(c, root, "", "log", false);
     const char *el = NULL, *al = NULL, *level = NULL, *ef = NULL, *q = NULL;
 

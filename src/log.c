@@ -520,8 +520,8 @@ void bw_log_access(bw_log *log, const bw_access_record *rec)
     bw_access_record r = *rec;
     if (rec->path != NULL && log->query != BW_LOG_QUERY_KEEP) {
         r.path = target;
-        r.path_len = bw_log_query_apply(log->query, rec->path, rec->path_len, target,
-                                        sizeof(target));
+        r.path_len =
+            bw_log_query_apply(log->query, rec->path, rec->path_len, target, sizeof(target));
     }
     n = bw_log_access_format(&r, line, sizeof(line));
     if (n > 0)

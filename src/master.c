@@ -606,8 +606,9 @@ static void reload(bw_master *m)
         bw_log_error(&m->log, "reload failed: keeping the running configuration");
         /* The old generation still serves: the manager must not wait for a reload that will
          * not come. */
-        notify(m, "READY=1\nSTATUS=reload rejected (%zu problem(s), first: %.300s); still serving "
-                  "generation %d\n",
+        notify(m,
+               "READY=1\nSTATUS=reload rejected (%zu problem(s), first: %.300s); still serving "
+               "generation %d\n",
                diag.count, diag.count ? diag.lines[0] : "?", m->current ? m->current->id : 0);
         bw_diag_free(&diag);
         return;

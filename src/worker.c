@@ -246,9 +246,8 @@ out:
     bw_upstream_pools_free(w.pools, w.cfg->n_upstreams);
     free(w.rl_params);
     free(w.resp_head);
-    struct event *evs[] = {w.ev_term,     w.ev_int,       w.ev_usr1,
-                           w.ev_hup,      w.drain_timer,  w.parent_timer,
-                           w.idle_grace_timer};
+    struct event *evs[] = {w.ev_term,     w.ev_int,       w.ev_usr1,         w.ev_hup,
+                           w.drain_timer, w.parent_timer, w.idle_grace_timer};
     for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
         if (evs[i])
             event_free(evs[i]);

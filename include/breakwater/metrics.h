@@ -46,11 +46,11 @@ void bw_metrics_render_process(pid_t master, const pid_t *workers, size_t n_work
 
 /* What one process's /proc entries say (the parsers below are pure, for tests). */
 typedef struct bw_proc_sample {
-    double cpu_seconds;        /* user + system */
+    double cpu_seconds; /* user + system */
     uint64_t rss_bytes;
     double start_time_seconds; /* Unix time */
     uint64_t open_fds;
-    uint64_t max_fds;          /* soft RLIMIT_NOFILE; 0 when unlimited or unknown */
+    uint64_t max_fds; /* soft RLIMIT_NOFILE; 0 when unlimited or unknown */
 } bw_proc_sample;
 
 /* Parses the text of /proc/PID/stat: CPU time, resident set and start time (seconds since

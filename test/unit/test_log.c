@@ -249,13 +249,15 @@ static void test_open_failure_reports(void **state)
 {
     (void)state;
     bw_log log;
-    bw_log_conf conf = {path_in_tmp("no/such/dir/error.log"), "off", BW_LOG_INFO, false, BW_LOG_QUERY_REDACT};
+    bw_log_conf conf = {path_in_tmp("no/such/dir/error.log"), "off", BW_LOG_INFO, false,
+                        BW_LOG_QUERY_REDACT};
     char err[256] = "";
     assert_int_equal(bw_log_open(&log, &conf, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "no/such/dir/error.log"));
     assert_non_null(strstr(err, "No such file"));
 
-    bw_log_conf conf2 = {NULL, path_in_tmp("missing/access.log"), BW_LOG_INFO, false, BW_LOG_QUERY_REDACT};
+    bw_log_conf conf2 = {NULL, path_in_tmp("missing/access.log"), BW_LOG_INFO, false,
+                         BW_LOG_QUERY_REDACT};
     assert_int_equal(bw_log_open(&log, &conf2, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "access log"));
 }
@@ -546,8 +548,8 @@ static void test_query_redact_property(void **state)
 {
     (void)state;
     static const char *const name_parts[] = {"a", "tok", "%41", "", "x_y", "%3D"};
-    static const char *const value_parts[] = {"SECRET", "=", "?", "%26", "%", "SECRET=SECRET",
-                                              ";",      "+", "#", " "};
+    static const char *const value_parts[] = {"SECRET",        "=", "?", "%26", "%",
+                                              "SECRET=SECRET", ";", "+", "#",   " "};
     uint64_t seed = 0x9E3779B97F4A7C15ull;
     for (int iter = 0; iter < 20000; iter++) {
         char in[512], ref[1024], full[1024], cut[1024];
@@ -657,8 +659,7 @@ static void test_error_log_json(void **state)
     assert_int_equal(regcomp(&re, "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]{8}\\.[0-9]{3}Z$",
                              REG_EXTENDED | REG_NOSUB),
                      0);
-    assert_int_equal(regexec(&re, cJSON_GetObjectItem(j, "timestamp")->valuestring, 0, NULL, 0),
-                     0);
+    assert_int_equal(regexec(&re, cJSON_GetObjectItem(j, "timestamp")->valuestring, 0, NULL, 0), 0);
     regfree(&re);
     cJSON_Delete(j);
     /* A message of only quotes escapes to twice its length and still makes one object. */

@@ -374,11 +374,13 @@ static void test_proc_stat_parsing(void **state)
     assert_int_equal(bw_metrics_parse_proc_stat("1 (x) S 1 2 3", 100, 4096, 0, &ps), -1);
     assert_int_equal(bw_metrics_parse_proc_stat(NULL, 100, 4096, 0, &ps), -1);
 
-    const char *limits = "Limit                     Soft Limit           Hard Limit           Units\n"
-                         "Max processes             63431                63431                processes\n"
-                         "Max open files            1024                 524288               files\n";
+    const char *limits =
+        "Limit                     Soft Limit           Hard Limit           Units\n"
+        "Max processes             63431                63431                processes\n"
+        "Max open files            1024                 524288               files\n";
     assert_int_equal(bw_metrics_parse_max_fds(limits), 1024);
-    assert_int_equal(bw_metrics_parse_max_fds("Max open files            unlimited  unlimited  files\n"), 0);
+    assert_int_equal(
+        bw_metrics_parse_max_fds("Max open files            unlimited  unlimited  files\n"), 0);
     assert_int_equal(bw_metrics_parse_max_fds("nothing"), 0);
     assert_true(bw_metrics_parse_boot_time("cpu  1 2 3\nintr 5\nbtime 1764800000\nprocesses 9\n") ==
                 1764800000.0);
