@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
@@ -72,6 +73,25 @@ static void accept_error_cb(struct evconnlistener *l, void *arg)
     bw_log_warn(w->log, "accept failed: %s", evutil_socket_error_to_string(err));
 }
 
+/*
+ * Takes the connections already completed in the kernel's accept queue before the listener is
+ * closed: when the last copy of a listening socket closes, the kernel resets whatever is still
+ * queued, and those clients may have sent a request already. They are served like the others
+ * (Connection: close on their response). Bounded by max_connections.
+ */
+static void accept_pending(bw_worker *w, int index)
+{
+    evutil_socket_t lfd = evconnlistener_get_fd(w->listeners[index]);
+    while (w->n_sessions < w->cfg->limits.max_connections) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof(ss);
+        int fd = accept4(lfd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0)
+            return;
+        bw_proxy_accept(w, index, fd, (struct sockaddr *)&ss, (int)len);
+    }
+}
+
 static void start_drain(bw_worker *w, const char *why)
 {
     if (w->draining)
@@ -80,6 +100,7 @@ static void start_drain(bw_worker *w, const char *why)
     bw_log_info(w->log, "draining (%s), %zu connection(s) open", why, w->n_sessions);
     for (size_t i = 0; i < w->cfg->n_listeners; i++) {
         if (w->listeners[i]) {
+            accept_pending(w, (int)i);
             evconnlistener_free(w->listeners[i]);
             w->listeners[i] = NULL;
         }
