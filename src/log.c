@@ -227,7 +227,8 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static void log_msg_json(bw_log *log, bw_log_level level, const char *fmt, va_list ap);
+static void log_msg_json(bw_log *log, bw_log_level level, const char *fmt, va_list ap)
+    __attribute__((format(printf, 3, 0)));
 
 void bw_log_msg(bw_log *log, bw_log_level level, const char *fmt, ...)
 {
