@@ -283,3 +283,33 @@ def test_access_log_query_keep_and_drop(upstream, breakwater_factory):
         assert get(drop, t).status == 200
     assert logged_paths(keep, len(ODD)) == ODD
     assert logged_paths(drop, len(ODD)) == ["/q"] * len(ODD)
+
+
+def test_sd_notify_through_a_burst_of_signals(upstream, breakwater_factory, tmp_path):
+    """SIGHUPs back to back, then SIGTERM right after one: every reload is announced, the last
+    READY names the newest generation, and STOPPING follows; nothing is left running."""
+    ns = harness.NotifySocket(tmp_path, abstract=True)
+    try:
+        bw = breakwater_factory(harness.base_config(upstream, workers=2),
+                                env={"NOTIFY_SOCKET": ns.env_value})
+        ns.wait_for("READY", 10 * SLOW)
+        for _ in range(5):
+            bw.signal(signal.SIGHUP)
+        # Signals of one kind that arrive together are merged by the kernel: at least one
+        # reload happens, and each one that happens is announced and completed.
+        def settled():
+            n = metric_sum(harness.scrape(bw), "breakwater_config_reloads_total",
+                           result="success") or 0
+            want = "generation %d" % (n + 1)
+            done = any("READY" in m and want in m.get("STATUS", "") for _, m in ns.messages)
+            return n >= 1 and ns.recv(0.2) is None and done and n
+        n = harness.wait_until(settled, 20 * SLOW, message="the reloads announced")
+        assert sum(1 for _, m in ns.messages if "RELOADING" in m) == n
+        assert get(bw).status == 200
+        bw.signal(signal.SIGHUP)
+        bw.signal(signal.SIGTERM)
+        ns.wait_for("STOPPING", 10 * SLOW)
+        assert bw.proc.wait(20 * SLOW) == 0
+        assert not [p for p in bw.worker_pids() if harness.pid_running(p)]
+    finally:
+        ns.close()
