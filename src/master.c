@@ -614,12 +614,12 @@ static void reload(bw_master *m)
         return;
     }
     bw_diag_free(&diag);
+    m->log.json = g->cfg->log.error_json; /* before the fork: new workers copy the log */
+    m->log.query = g->cfg->log.query;
     log_overrides(m, g->cfg);
     redis_apply(m, g->cfg);
     bw_generation *old = m->current;
     m->current = g;
-    m->log.json = g->cfg->log.error_json; /* before the fork: new workers copy the log */
-    m->log.query = g->cfg->log.query;
     spawn_missing(m);
     lsock_sweep(m);
     if (old) {

@@ -313,3 +313,29 @@ def test_sd_notify_through_a_burst_of_signals(upstream, breakwater_factory, tmp_
         assert not [p for p in bw.worker_pids() if harness.pid_running(p)]
     finally:
         ns.close()
+
+
+def test_long_hostile_queries_are_redacted_within_bounds(upstream, breakwater_factory):
+    """Queries as long as the head limit allows, of every odd shape: each access-log line stays
+    within the line limit, shows no value, and the worker's memory does not grow with them."""
+    bw = breakwater_factory(harness.base_config(upstream))
+    worker = bw.live_worker_pids()[0]
+    shapes = ["a=" + "v" * 30000, "&" * 30000, "=" * 30000, "k" * 30000,
+              "&".join("p%d=secret%d" % (i, i) for i in range(1500)),
+              "%25" * 10000]
+    for i in range(3):
+        for q in shapes:
+            assert get(bw, "/long?" + q).status == 200
+    hwm_after_warmup = bw.proc_status(worker, "VmHWM")
+    for i in range(10):
+        for q in shapes:
+            assert get(bw, "/long?" + q).status == 200
+    lines = harness.wait_until(
+        lambda: (lambda ls: len(ls) >= 13 * len(shapes) and ls)(
+            [l for l in bw.access_log_path.read_bytes().split(b"\n")[:-1]]),
+        10 * SLOW, message="every access line")
+    for raw in lines:
+        assert len(raw) < 8192
+        rec = json.loads(raw)
+        assert "secret" not in rec["path"] and "vvv" not in rec["path"] and "kkk" not in rec["path"]
+    assert bw.proc_status(worker, "VmHWM") - hwm_after_warmup < 2048  # kB
