@@ -338,4 +338,7 @@ def test_long_hostile_queries_are_redacted_within_bounds(upstream, breakwater_fa
         assert len(raw) < 8192
         rec = json.loads(raw)
         assert "secret" not in rec["path"] and "vvv" not in rec["path"] and "kkk" not in rec["path"]
-    assert bw.proc_status(worker, "VmHWM") - hwm_after_warmup < 2048  # kB
+    # AddressSanitizer keeps freed memory in quarantine, so the bound is only meaningful in the
+    # normal build (as in test_streaming.py).
+    if not harness.SANITIZED:
+        assert bw.proc_status(worker, "VmHWM") - hwm_after_warmup < 2048  # kB
