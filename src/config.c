@@ -775,7 +775,32 @@ typedef struct vctx {
     char *dir; /* absolute directory of the configuration file */
     bw_getenv_fn getenv_fn;
     env_over env;
+    bw_diag notes;    /* environment overrides in effect, handed to the config at the end */
+    bool *notes_warn; /* per note: the value replaced was written in the file */
 } vctx;
+
+/* Records an override in effect; warn says it replaced a value the file sets. */
+static void vnote(vctx *c, bool warn, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void vnote(vctx *c, bool warn, const char *fmt, ...)
+{
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    size_t n = c->notes.count;
+    bool *nw = realloc(c->notes_warn, (n + 1) * sizeof *nw);
+    if (nw == NULL) {
+        c->oom = true;
+        return;
+    }
+    c->notes_warn = nw;
+    bw_diag_add(&c->notes, "%s", line);
+    if (c->notes.count == n + 1)
+        nw[n] = warn;
+    else
+        c->oom = true;
+}
 
 /* Bounded concatenation: a path cut short only costs the position lookup, never memory safety. */
 static void path_cat(char *out, size_t n, const char *a, const char *b, const char *c)
@@ -1339,6 +1364,7 @@ static void set_defaults(bw_config *cfg)
     cfg->limits.client_idle_timeout_ms = 60000;
     cfg->limits.max_connections = 10000;
     cfg->shutdown_timeout_ms = 10000;
+    cfg->drain_idle_grace_ms = 1000;
     cfg->probes_on_listeners = true;
 }
 
@@ -1580,13 +1606,34 @@ static void parse_breaker(vctx *c, const cJSON *ub, const char *up, bw_breaker_c
         }
     }
 
+    /* The environment wins over the file: an operator's "set it and restart" must work
+     * whatever the file says, and the log says what was replaced. */
     const env_over *e = &c->env;
-    if (e->has_threshold && !b->set_failure_threshold)
+    if (e->has_threshold) {
+        vnote(c, b->set_failure_threshold,
+              "environment CIRCUIT_BREAKER_FAILURE_THRESHOLD=%" PRIu32
+              " replaces %s.failure_threshold"
+              " (was %" PRIu32 "%s)",
+              e->threshold, p, b->failure_threshold,
+              b->set_failure_threshold ? "" : ", the default");
         b->failure_threshold = e->threshold;
-    if (e->has_reset && !b->set_reset_timeout_ms)
+    }
+    if (e->has_reset) {
+        vnote(c, b->set_reset_timeout_ms,
+              "environment CIRCUIT_BREAKER_RESET_TIMEOUT_SECONDS=%g replaces %s.reset_timeout_ms"
+              " (was %" PRIu32 "%s)",
+              e->reset_ms / 1000.0, p, b->reset_timeout_ms,
+              b->set_reset_timeout_ms ? "" : ", the default");
         b->reset_timeout_ms = e->reset_ms;
-    if (e->has_half_open && !b->set_half_open_success_threshold)
+    }
+    if (e->has_half_open) {
+        vnote(c, b->set_half_open_success_threshold,
+              "environment CIRCUIT_BREAKER_HALF_OPEN_SUCCESS_THRESHOLD=%" PRIu32
+              " replaces %s.half_open_success_threshold (was %" PRIu32 "%s)",
+              e->half_open, p, b->half_open_success_threshold,
+              b->set_half_open_success_threshold ? "" : ", the default");
         b->half_open_success_threshold = e->half_open;
+    }
 
     if (!max_set && b->max_reset_timeout_ms < b->reset_timeout_ms) {
         b->max_reset_timeout_ms = b->reset_timeout_ms;
@@ -1594,8 +1641,9 @@ static void parse_breaker(vctx *c, const cJSON *ub, const char *up, bw_breaker_c
         path_key(sp, sizeof sp, p, "max_reset_timeout_ms");
         verr(c, sp, "must be at least reset_timeout_ms (%" PRIu32 "%s), got %" PRIu32,
              b->reset_timeout_ms,
-             b->set_reset_timeout_ms ? ""
-                                     : " from CIRCUIT_BREAKER_RESET_TIMEOUT_SECONDS or the default",
+             e->has_reset              ? " from CIRCUIT_BREAKER_RESET_TIMEOUT_SECONDS"
+             : b->set_reset_timeout_ms ? ""
+                                       : " (the default)",
              b->max_reset_timeout_ms);
     }
 }
@@ -1772,6 +1820,59 @@ static void parse_rate_limit(vctx *c, const cJSON *o, const char *pp, bw_ratelim
     }
 }
 
+/* Applies RATE_LIMIT_* to the default policy (or says that nothing takes them). */
+static void rate_limit_env(vctx *c, bw_config *cfg)
+{
+    const env_over *e = &c->env;
+    if (!e->has_capacity && !e->has_refill)
+        return;
+    if (cfg->default_rate_limit < 0) {
+        vnote(c, true,
+              "environment RATE_LIMIT_CAPACITY/RATE_LIMIT_REFILL_RATE %s: no default rate-limit "
+              "policy (set top-level default_rate_limit, or name a policy \"default\")",
+              cfg->n_rate_limits ? "apply to no policy" : "ignored: there are no rate_limits");
+        return;
+    }
+    bw_ratelimit_conf *d = &cfg->rate_limits[cfg->default_rate_limit];
+    if (e->has_capacity) {
+        vnote(c, d->set_capacity,
+              "environment RATE_LIMIT_CAPACITY=%" PRIu32
+              " replaces rate_limits.%s.capacity (was %" PRIu32 "%s)",
+              e->capacity, d->name, d->capacity, d->set_capacity ? "" : ", the default");
+        d->capacity = e->capacity;
+    }
+    if (e->has_refill) {
+        vnote(c, d->set_refill,
+              "environment RATE_LIMIT_REFILL_RATE=%g replaces rate_limits.%s.refill_per_sec (was "
+              "%g%s)",
+              e->refill, d->name, d->refill_per_sec, d->set_refill ? "" : ", the default");
+        d->refill_per_sec = e->refill;
+    }
+}
+
+/* The policy RATE_LIMIT_* apply to: top-level default_rate_limit, else the only policy, else
+ * the one named "default"; -1 when none. */
+static void pick_default_rate_limit(vctx *c, const cJSON *root, bw_config *cfg)
+{
+    const char *name = get_string(c, root, "", "default_rate_limit", false);
+    cfg->default_rate_limit = -1;
+    if (name != NULL) {
+        for (size_t k = 0; k < cfg->n_rate_limits; k++)
+            if (cfg->rate_limits[k].name && strcmp(cfg->rate_limits[k].name, name) == 0)
+                cfg->default_rate_limit = (int)k;
+        if (cfg->default_rate_limit < 0)
+            verr(c, "default_rate_limit", "names no policy of rate_limits: \"%s\"", name);
+        return;
+    }
+    if (cfg->n_rate_limits == 1) {
+        cfg->default_rate_limit = 0;
+        return;
+    }
+    for (size_t k = 0; k < cfg->n_rate_limits; k++)
+        if (cfg->rate_limits[k].name && strcmp(cfg->rate_limits[k].name, "default") == 0)
+            cfg->default_rate_limit = (int)k;
+}
+
 static void parse_rate_limits(vctx *c, const cJSON *root, bw_config *cfg)
 {
     char pp[PATH_LEN], got[96];
@@ -1814,16 +1915,6 @@ static void parse_rate_limits(vctx *c, const cJSON *root, bw_config *cfg)
         }
         parse_rate_limit(c, o, pp, rl);
     }
-
-    cfg->default_rate_limit = 0;
-    for (size_t k = 0; k < n; k++)
-        if (cfg->rate_limits[k].name && strcmp(cfg->rate_limits[k].name, "default") == 0)
-            cfg->default_rate_limit = (int)k;
-    bw_ratelimit_conf *d = &cfg->rate_limits[cfg->default_rate_limit];
-    if (c->env.has_capacity && !d->set_capacity)
-        d->capacity = c->env.capacity;
-    if (c->env.has_refill && !d->set_refill)
-        d->refill_per_sec = c->env.refill;
 }
 
 static bool valid_route_host(const char *h)
@@ -2081,17 +2172,30 @@ static void parse_redis(vctx *c, const cJSON *root, bw_config *cfg)
 
 static void parse_log(vctx *c, const cJSON *root, bw_config *cfg)
 {
-    static const char *const fields[] = {"error_log", "access_log", "level", NULL};
+    static const char *const fields[] = {"error_log",    "access_log", "level",
+                                         "error_format", "query",      NULL};
     const cJSON *o = get_object(c, root, "", "log", false);
-    const char *el = NULL, *al = NULL, *level = NULL;
+    const char *el = NULL, *al = NULL, *level = NULL, *ef = NULL, *q = NULL;
 
     if (o != NULL) {
         check_fields(c, o, "log", fields);
         el = get_string(c, o, "log", "error_log", false);
         al = get_string(c, o, "log", "access_log", false);
         level = get_string(c, o, "log", "level", false);
+        ef = get_string(c, o, "log", "error_format", false);
+        q = get_string(c, o, "log", "query", false);
         if (level != NULL && log_level_from(level, &cfg->log.level) < 0)
             verr(c, "log.level", "must be one of debug, info, warn, error, got \"%s\"", level);
+        if (ef != NULL && strcmp(ef, "json") == 0)
+            cfg->log.error_json = true;
+        else if (ef != NULL && strcmp(ef, "text") != 0)
+            verr(c, "log.error_format", "must be \"text\" or \"json\", got \"%s\"", ef);
+        if (q != NULL && strcmp(q, "keep") == 0)
+            cfg->log.query = BW_LOG_QUERY_KEEP;
+        else if (q != NULL && strcmp(q, "drop") == 0)
+            cfg->log.query = BW_LOG_QUERY_DROP;
+        else if (q != NULL && strcmp(q, "redact") != 0)
+            verr(c, "log.query", "must be \"redact\", \"keep\" or \"drop\", got \"%s\"", q);
     }
     if (el != NULL)
         cfg->log.error_log = strcmp(el, "stderr") == 0 ? vstrdup(c, el) : resolve_path(c, el);
@@ -2144,6 +2248,8 @@ static void parse_root(vctx *c, const cJSON *root, bw_config *cfg)
                                          "limits",
                                          "shutdown_timeout_ms",
                                          "probes_on_listeners",
+                                         "default_rate_limit",
+                                         "drain_idle_grace_ms",
                                          NULL};
     char got[96];
 
@@ -2162,12 +2268,15 @@ static void parse_root(vctx *c, const cJSON *root, bw_config *cfg)
     cfg->workers = workers;
     get_u32(c, root, "", "rate_limit_table_size", 16, 1u << 26, &cfg->rate_limit_table_size);
     get_u32(c, root, "", "shutdown_timeout_ms", 0, MAX_MS, &cfg->shutdown_timeout_ms);
+    get_u32(c, root, "", "drain_idle_grace_ms", 0, MAX_MS, &cfg->drain_idle_grace_ms);
     get_bool(c, root, "", "probes_on_listeners", &cfg->probes_on_listeners);
 
     parse_listeners(c, root, cfg);
     parse_admin(c, root, cfg);
     parse_upstreams(c, root, cfg);
     parse_rate_limits(c, root, cfg);
+    pick_default_rate_limit(c, root, cfg);
+    rate_limit_env(c, cfg);
     parse_routes(c, root, cfg);
     parse_trusted_proxies(c, root, cfg);
     parse_redis(c, root, cfg);
@@ -2245,13 +2354,22 @@ bw_config *bw_config_parse(const char *text, size_t len, const char *path, bw_ge
     parse_root(&c, root, cfg);
     if (c.oom)
         bw_diag_add(diag, "%s: out of memory while loading the configuration", c.file);
-    if (c.errors == 0 && !c.oom)
+    if (c.errors == 0 && !c.oom) {
+        cfg->notes = c.notes.lines;
+        cfg->n_notes = c.notes.count;
+        cfg->notes_warn = c.notes_warn;
+        c.notes.lines = NULL;
+        c.notes.count = 0;
+        c.notes_warn = NULL;
         goto done;
+    }
 
 fail:
     bw_config_free(cfg);
     cfg = NULL;
 done:
+    bw_diag_free(&c.notes);
+    free(c.notes_warn);
     cJSON_Delete(root);
     pos_free(&pos);
     free(copy);
@@ -2309,6 +2427,10 @@ void bw_config_free(bw_config *cfg)
     if (cfg == NULL)
         return;
     free(cfg->path);
+    for (size_t i = 0; i < cfg->n_notes; i++)
+        free(cfg->notes[i]);
+    free(cfg->notes);
+    free(cfg->notes_warn);
     for (size_t i = 0; i < cfg->n_listeners; i++) {
         free(cfg->listeners[i].address);
         free(cfg->listeners[i].tls.cert);

@@ -81,6 +81,8 @@ int bw_log_open(bw_log *log, const bw_log_conf *conf, char *err, size_t errlen)
     log->error_fd = STDERR_FILENO;
     log->access_fd = STDOUT_FILENO;
     log->level = conf ? conf->level : BW_LOG_INFO;
+    log->json = conf ? conf->error_json : false;
+    log->query = conf ? conf->query : BW_LOG_QUERY_REDACT;
     bw_log_set_tag(log, "master");
 
     if (!is_stderr_name(error_log)) {
@@ -225,6 +227,9 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+static void log_msg_json(bw_log *log, bw_log_level level, const char *fmt, va_list ap)
+    __attribute__((format(printf, 3, 0)));
+
 void bw_log_msg(bw_log *log, bw_log_level level, const char *fmt, ...)
 {
     char line[BW_LOG_PREFIX_MAX + BW_LOG_MSG_MAX + 8];
@@ -236,6 +241,12 @@ void bw_log_msg(bw_log *log, bw_log_level level, const char *fmt, ...)
         return;
     if ((unsigned)level >= sizeof(level_names) / sizeof(level_names[0]))
         level = BW_LOG_ERROR;
+    if (log->json) {
+        va_start(ap, fmt);
+        log_msg_json(log, level, fmt, ap);
+        va_end(ap);
+        return;
+    }
 
     pos = format_time_ms(now_ms(), line, sizeof(line));
     n = snprintf(line + pos, BW_LOG_PREFIX_MAX - pos, " %s %.31s: ", level_names[level], log->tag);
@@ -504,7 +515,94 @@ void bw_log_access(bw_log *log, const bw_access_record *rec)
 
     if (log == NULL || log->access_fd < 0)
         return;
-    n = bw_log_access_format(rec, line, sizeof(line));
+    /* A path longer than a whole line is cut by the formatter anyway; only what can be
+     * shown is rewritten. */
+    char target[BW_LOG_ACCESS_MAX];
+    bw_access_record r = *rec;
+    if (rec->path != NULL && log->query != BW_LOG_QUERY_KEEP) {
+        r.path = target;
+        r.path_len =
+            bw_log_query_apply(log->query, rec->path, rec->path_len, target, sizeof(target));
+    }
+    n = bw_log_access_format(&r, line, sizeof(line));
     if (n > 0)
         write_line(log->access_fd, line, n);
+}
+
+/* ---- error log as JSON ---- */
+
+/* One object a line. The message goes through the same escaper as the access log, so data a
+ * message quotes can neither break the object nor forge a line. */
+static void log_msg_json(bw_log *log, bw_log_level level, const char *fmt, va_list ap)
+{
+    char msg[BW_LOG_MSG_MAX + 1];
+    char line[BW_LOG_PREFIX_MAX + 6 * BW_LOG_MSG_MAX + 64];
+    char ts[32];
+    json_buf jb = {line, 0, sizeof(line) - 1, false};
+
+    int n = vsnprintf(msg, sizeof(msg), fmt, ap);
+    size_t mlen = n < 0 ? 0 : (size_t)n < sizeof(msg) ? (size_t)n : sizeof(msg) - 1;
+    if (n > 0 && (size_t)n > BW_LOG_MSG_MAX)
+        memcpy(msg + BW_LOG_MSG_MAX - 3, "...", 3);
+    format_time_ms(now_ms(), ts, sizeof(ts));
+    jb_puts(&jb, "{\"timestamp\":\"");
+    jb_puts(&jb, ts);
+    jb_puts(&jb, "\",\"level\":\"");
+    jb_puts(&jb, level_names[level]);
+    jb_puts(&jb, "\",\"message\":");
+    jb_string(&jb, msg, mlen, sizeof(line) - 160);
+    jb_puts(&jb, ",\"process\":");
+    jb_cstring(&jb, log->tag, sizeof(log->tag) * 6 + 2);
+    jb_printf(&jb, ",\"pid\":%d}\n", (int)getpid());
+    if (!jb.overflow)
+        write_line(log->error_fd, line, jb.len);
+}
+
+/* ---- query strings in the access log ---- */
+
+size_t bw_log_query_apply(bw_log_query mode, const char *target, size_t len, char *out, size_t cap)
+{
+    const char *q = target ? memchr(target, '?', len) : NULL;
+    size_t head = q ? (size_t)(q - target) : len;
+    size_t o = 0;
+
+    if (cap == 0)
+        return 0;
+    if (mode == BW_LOG_QUERY_KEEP || q == NULL) {
+        o = len < cap ? len : cap;
+        memcpy(out, target, o);
+        return o;
+    }
+    o = head < cap ? head : cap;
+    memcpy(out, target, o);
+    if (mode == BW_LOG_QUERY_DROP || o == cap)
+        return o;
+    out[o++] = '?';
+    /* Parameters are separated by '&'; in each, the name runs to the first '='. */
+    size_t i = head + 1;
+    while (i <= len && o < cap) {
+        size_t end = i;
+        while (end < len && target[end] != '&')
+            end++;
+        const char *eq = memchr(target + i, '=', end - i);
+        if (eq != NULL) {
+            size_t nlen = (size_t)(eq - (target + i));
+            bool has_value = (size_t)(eq - target) + 1 < end;
+            size_t need = nlen + 1 + (has_value ? 1 : 0);
+            if (need > cap - o)
+                break;
+            memcpy(out + o, target + i, nlen + 1);
+            o += nlen + 1;
+            if (has_value)
+                out[o++] = '-';
+        } else if (end > i) {
+            out[o++] = '-'; /* a bare parameter may be a secret itself */
+        }
+        if (end >= len)
+            break;
+        if (o < cap)
+            out[o++] = '&';
+        i = end + 1;
+    }
+    return o;
 }

@@ -110,6 +110,8 @@ int main(int argc, char **argv)
     }
     bw_diag_free(&diag);
     if (test_only) {
+        for (size_t i = 0; i < cfg->n_notes; i++)
+            printf("%s\n", cfg->notes[i]);
         printf("configuration ok\n");
         bw_config_free(cfg);
         return 0;

@@ -21,6 +21,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,6 +35,7 @@
 
 #include "breakwater/admin.h"
 #include "breakwater/fdlimit.h"
+#include "breakwater/notify.h"
 #include "breakwater/probes.h"
 #include "breakwater/redis_sync.h"
 #include "breakwater/shm.h"
@@ -43,6 +45,7 @@
 #define RESPAWN_FAST_DEATH_MS 1000
 #define RESPAWN_DELAY_MS 500
 #define KILL_GRACE_MS 2000
+#define READY_POLL_MS 10
 
 typedef struct bw_generation {
     int id;
@@ -85,6 +88,8 @@ typedef struct bw_master {
     sigset_t sigs;      /* the signals the master takes through sigfd */
     sigset_t orig_mask; /* the mask workers get back */
     struct event *ev_sig, *respawn_timer, *kill_timer;
+    bw_notify notify;          /* sd_notify to the service manager; off without NOTIFY_SOCKET */
+    struct event *ready_timer; /* polls until the current generation accepts, then READY=1 */
 } bw_master;
 
 static int64_t mono_ms(void)
@@ -275,6 +280,7 @@ static void spawn_worker(bw_master *m, bw_generation *g, uint32_t slot)
             close(bw_admin_fd(m->admin));
         if (bw_redis_sync_fd(m->redis) >= 0)
             close(bw_redis_sync_fd(m->redis));
+        bw_notify_close(&m->notify);
         char tag[32];
         snprintf(tag, sizeof(tag), "worker %u", slot + 1);
         bw_log_set_tag(&m->log, tag);
@@ -530,9 +536,80 @@ static int admin_apply(bw_master *m, const bw_config *cfg, char *err, size_t err
     return 0;
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* Service-manager notifications                                                              */
+
+static void notify(bw_master *m, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void notify(bw_master *m, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    if (m->notify.fd < 0)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    if (bw_notify_send(&m->notify, msg) < 0)
+        bw_log_warn(&m->log, "sd_notify: cannot send to NOTIFY_SOCKET: %s", strerror(errno));
+}
+
+/* True once every worker of g has started watching its listeners. */
+static bool generation_accepting(bw_master *m, const bw_generation *g)
+{
+    if (!g || g->alive < g->n_workers)
+        return false;
+    for (uint32_t i = 0; i < g->n_workers; i++) {
+        bw_worker_slot *slot = bw_shm_worker(&m->shm, g->shm_slots[i]);
+        if (slot && !atomic_load(&slot->accepting))
+            return false;
+    }
+    return true;
+}
+
+static void ready_check_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    bw_master *m = arg;
+    if (m->stopping)
+        return;
+    if (!generation_accepting(m, m->current)) {
+        struct timeval tv = {0, READY_POLL_MS * 1000};
+        evtimer_add(m->ready_timer, &tv);
+        return;
+    }
+    notify(m, "READY=1\nSTATUS=serving: generation %d, %u worker(s), %zu listener(s)\n",
+           m->current->id, m->current->n_workers, m->current->cfg->n_listeners);
+}
+
+/* READY=1 follows as soon as the current generation accepts connections. */
+static void await_ready(bw_master *m)
+{
+    struct timeval tv = {0, 0};
+    if (m->notify.fd >= 0 && m->ready_timer)
+        evtimer_add(m->ready_timer, &tv);
+}
+
+/* Says which environment overrides are in effect (at start and after every reload). */
+static void log_overrides(bw_master *m, const bw_config *cfg)
+{
+    for (size_t i = 0; i < cfg->n_notes; i++)
+        bw_log_msg(&m->log, cfg->notes_warn[i] ? BW_LOG_WARN : BW_LOG_INFO, "%s", cfg->notes[i]);
+}
+
 static void reload(bw_master *m)
 {
     bw_log_info(&m->log, "SIGHUP: reloading %s", m->config_path);
+    if (m->notify.fd >= 0) {
+        struct timespec ts;
+        char msg[512], status[400];
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        snprintf(status, sizeof(status), "reloading %s", m->config_path);
+        if (bw_notify_format_reloading((uint64_t)ts.tv_sec * 1000000u +
+                                           (uint64_t)ts.tv_nsec / 1000u,
+                                       status, msg, sizeof(msg)) > 0)
+            notify(m, "%s", msg);
+    }
     bw_diag diag;
     bw_diag_init(&diag);
     bw_config *cfg = bw_config_load(m->config_path, NULL, &diag);
@@ -549,10 +626,19 @@ static void reload(bw_master *m)
         for (size_t i = 0; i < diag.count; i++)
             bw_log_error(&m->log, "%s", diag.lines[i]);
         bw_log_error(&m->log, "reload failed: keeping the running configuration");
+        /* The old generation still serves: the manager must not wait for a reload that will
+         * not come. */
+        notify(m,
+               "READY=1\nSTATUS=reload rejected (%zu problem(s), first: %.300s); still serving "
+               "generation %d\n",
+               diag.count, diag.count ? diag.lines[0] : "?", m->current ? m->current->id : 0);
         bw_diag_free(&diag);
         return;
     }
     bw_diag_free(&diag);
+    m->log.json = g->cfg->log.error_json; /* before the fork: new workers copy the log */
+    m->log.query = g->cfg->log.query;
+    log_overrides(m, g->cfg);
     redis_apply(m, g->cfg);
     bw_generation *old = m->current;
     m->current = g;
@@ -574,6 +660,7 @@ static void reload(bw_master *m)
     m->log.level = lvl;
     bw_log_info(&m->log, "configuration reloaded (generation %d, %u workers)", g->id,
                 g->n_workers);
+    await_ready(m);
 }
 
 static void start_stop(bw_master *m, const char *why)
@@ -588,6 +675,7 @@ static void start_stop(bw_master *m, const char *why)
      * (draining) to a load balancer instead of just refusing connections. */
     lsock_close_all(m);
     uint32_t timeout = m->current ? m->current->cfg->shutdown_timeout_ms : 0;
+    notify(m, "STOPPING=1\nSTATUS=draining (%s), up to %u ms\n", why, timeout);
     if (m->current)
         signal_generation(m->current, SIGTERM);
     for (bw_generation *g = m->retired; g; g = g->next)
@@ -647,6 +735,11 @@ int bw_master_run(const char *config_path, bw_config *cfg)
     }
     bw_log_set_tag(&m.log, "master");
     signal(SIGPIPE, SIG_IGN);
+    /* A bad NOTIFY_SOCKET is said and ignored: the proxy still serves. It is removed from the
+     * environment so that nothing started later speaks for the master. */
+    if (bw_notify_open(&m.notify, getenv("NOTIFY_SOCKET"), err, sizeof(err)) < 0)
+        bw_log_error(&m.log, "sd_notify disabled: %s", err);
+    unsetenv("NOTIFY_SOCKET");
     int rc = 1;
     sigemptyset(&m.sigs);
     sigaddset(&m.sigs, SIGTERM);
@@ -689,6 +782,7 @@ int bw_master_run(const char *config_path, bw_config *cfg)
         goto out;
     }
     bw_diag_free(&diag);
+    log_overrides(&m, m.current->cfg);
     if (admin_apply(&m, m.current->cfg, err, sizeof(err)) < 0) {
         bw_log_error(&m.log, "%s: admin: cannot listen on %s: %s", m.current->cfg->path,
                      m.current->cfg->admin.address, err);
@@ -698,13 +792,15 @@ int bw_master_run(const char *config_path, bw_config *cfg)
     m.ev_sig = event_new(m.base, m.sigfd, EV_READ | EV_PERSIST, signalfd_cb, &m);
     m.respawn_timer = evtimer_new(m.base, respawn_cb, &m);
     m.kill_timer = evtimer_new(m.base, kill_cb, &m);
-    if (!m.ev_sig || !m.respawn_timer || !m.kill_timer) {
+    m.ready_timer = evtimer_new(m.base, ready_check_cb, &m);
+    if (!m.ev_sig || !m.respawn_timer || !m.kill_timer || !m.ready_timer) {
         bw_log_error(&m.log, "cannot set up signal handling");
         goto out;
     }
     event_add(m.ev_sig, NULL);
 
     spawn_missing(&m);
+    await_ready(&m);
     bw_log_info(&m.log, "breakwater %s started: %u worker(s), %zu listener(s)", BW_VERSION,
                 m.current->n_workers, m.current->cfg->n_listeners);
     event_base_dispatch(m.base);
@@ -723,7 +819,7 @@ out:
         m.retired = g->next;
         generation_free(g);
     }
-    struct event *evs[] = {m.ev_sig, m.respawn_timer, m.kill_timer};
+    struct event *evs[] = {m.ev_sig, m.respawn_timer, m.kill_timer, m.ready_timer};
     for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
         if (evs[i])
             event_free(evs[i]);
@@ -733,6 +829,7 @@ out:
         close(m.sigfd);
     if (m.shm.hdr)
         bw_shm_destroy(&m.shm);
+    bw_notify_close(&m.notify);
     bw_log_close(&m.log);
     return rc;
 }

@@ -22,10 +22,14 @@
  */
 #include "breakwater/metrics.h"
 
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #ifndef BW_VERSION
 #define BW_VERSION "unknown"
@@ -248,6 +252,19 @@ static void render_upstream_counters(const bw_shm *shm, const bw_config *cfg, st
     }
 }
 
+/* Which upstreams are critical (their open breaker fails readiness), so that alert rules can
+ * join on it instead of naming upstreams. */
+static void render_critical(const bw_config *cfg, struct evbuffer *out)
+{
+    static const char name[] = "breakwater_upstream_critical";
+    family(out, name, "gauge",
+           "1 when the upstream is critical (its open breaker makes /readyz answer 503), else 0.");
+    for (size_t i = 0; cfg && i < cfg->n_upstreams; i++) {
+        open_series(out, name, "upstream", cfg->upstreams[i].name);
+        evbuffer_add_printf(out, "} %d\n", cfg->upstreams[i].critical ? 1 : 0);
+    }
+}
+
 static void render_breakers(const bw_shm *shm, const bw_config *cfg, uint64_t now_ms,
                             struct evbuffer *out)
 {
@@ -448,6 +465,183 @@ static void render_process(const bw_shm *shm, const bw_metrics_master *m, struct
     put(out, "\"} 1\n");
 }
 
+/* ---- the Prometheus process set, from /proc ---- */
+
+int bw_metrics_parse_proc_stat(const char *text, long ticks_per_sec, long page_size,
+                               double boot_time, bw_proc_sample *out)
+{
+    /* The command name is in parentheses and may hold anything, ')' included: fields are
+     * counted from the last ')'. Field 3 (state) is the first after it. */
+    const char *p = text ? strrchr(text, ')') : NULL;
+    if (p == NULL || ticks_per_sec <= 0)
+        return -1;
+    p++;
+    unsigned long long v[22] = {0};
+    int field = 3;
+    while (*p && field <= 24) {
+        while (*p == ' ')
+            p++;
+        if (!*p)
+            break;
+        char *end;
+        errno = 0;
+        unsigned long long x = strtoull(p, &end, 10);
+        if (end == p) { /* the state letter */
+            while (*p && *p != ' ')
+                p++;
+        } else {
+            if (errno != 0)
+                return -1;
+            p = end;
+        }
+        if (field >= 3)
+            v[field - 3] = x;
+        field++;
+    }
+    if (field <= 24)
+        return -1;
+    out->cpu_seconds = (double)(v[14 - 3] + v[15 - 3]) / (double)ticks_per_sec;
+    out->start_time_seconds = boot_time + (double)v[22 - 3] / (double)ticks_per_sec;
+    out->rss_bytes = v[24 - 3] * (unsigned long long)(page_size > 0 ? page_size : 4096);
+    return 0;
+}
+
+uint64_t bw_metrics_parse_max_fds(const char *text)
+{
+    const char *p = text ? strstr(text, "Max open files") : NULL;
+    if (p == NULL)
+        return 0;
+    p += strlen("Max open files");
+    while (*p == ' ')
+        p++;
+    char *end;
+    unsigned long long n = strtoull(p, &end, 10);
+    return end == p ? 0 : (uint64_t)n; /* "unlimited" parses as nothing */
+}
+
+double bw_metrics_parse_boot_time(const char *text)
+{
+    const char *p = text;
+    while (p && *p) {
+        if (strncmp(p, "btime ", 6) == 0)
+            return strtod(p + 6, NULL);
+        p = strchr(p, '\n');
+        if (p)
+            p++;
+    }
+    return 0;
+}
+
+/* A small /proc file into buf; returns its length or -1. */
+static ssize_t read_small(const char *path, char *buf, size_t len)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    size_t got = 0;
+    while (got + 1 < len) {
+        ssize_t n = read(fd, buf + got, len - 1 - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+    }
+    close(fd);
+    buf[got] = '\0';
+    return (ssize_t)got;
+}
+
+static uint64_t count_fds(pid_t pid)
+{
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%d/fd", (int)pid);
+    DIR *d = opendir(path);
+    if (d == NULL)
+        return 0;
+    uint64_t n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        if (e->d_name[0] != '.')
+            n++;
+    closedir(d);
+    /* opendir's own descriptor is in the list when a process counts itself. */
+    return pid == getpid() && n > 0 ? n - 1 : n;
+}
+
+/* Reads one process; returns 0, or -1 when it is gone (or not readable). */
+static int sample_process(pid_t pid, double boot_time, bool with_limits, bw_proc_sample *out)
+{
+    char path[64], buf[4096];
+    memset(out, 0, sizeof(*out));
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    if (read_small(path, buf, sizeof(buf)) <= 0)
+        return -1;
+    if (bw_metrics_parse_proc_stat(buf, sysconf(_SC_CLK_TCK), sysconf(_SC_PAGESIZE), boot_time,
+                                   out) < 0)
+        return -1;
+    out->open_fds = count_fds(pid);
+    if (with_limits) {
+        snprintf(path, sizeof(path), "/proc/%d/limits", (int)pid);
+        if (read_small(path, buf, sizeof(buf)) > 0)
+            out->max_fds = bw_metrics_parse_max_fds(buf);
+    }
+    return 0;
+}
+
+void bw_metrics_render_process(pid_t master, const pid_t *workers, size_t n_workers,
+                               struct evbuffer *out)
+{
+    char buf[4096];
+    double boot = 0;
+    if (read_small("/proc/stat", buf, sizeof(buf)) > 0)
+        boot = bw_metrics_parse_boot_time(buf);
+    bw_proc_sample ms, sum, w;
+    if (sample_process(master, boot, true, &ms) < 0)
+        return; /* no /proc: the set is left out rather than reported as zeros */
+    sum = ms;
+    for (size_t i = 0; i < n_workers; i++) {
+        if (workers[i] <= 0 || workers[i] == master ||
+            sample_process(workers[i], boot, false, &w) < 0)
+            continue;
+        sum.cpu_seconds += w.cpu_seconds;
+        sum.rss_bytes += w.rss_bytes;
+        sum.open_fds += w.open_fds;
+    }
+    family(out, "process_cpu_seconds_total", "counter",
+           "Total user and system CPU time spent in seconds (master and workers).");
+    evbuffer_add_printf(out, "process_cpu_seconds_total %.2f\n", sum.cpu_seconds);
+    family(out, "process_resident_memory_bytes", "gauge",
+           "Resident memory size in bytes (master and workers).");
+    evbuffer_add_printf(out, "process_resident_memory_bytes %" PRIu64 "\n", sum.rss_bytes);
+    family(out, "process_open_fds", "gauge",
+           "Number of open file descriptors (master and workers).");
+    evbuffer_add_printf(out, "process_open_fds %" PRIu64 "\n", sum.open_fds);
+    if (ms.max_fds > 0) {
+        family(out, "process_max_fds", "gauge",
+               "Maximum number of open file descriptors (of the master).");
+        evbuffer_add_printf(out, "process_max_fds %" PRIu64 "\n", ms.max_fds);
+    }
+    family(out, "process_start_time_seconds", "gauge",
+           "Start time of the master since unix epoch in seconds.");
+    evbuffer_add_printf(out, "process_start_time_seconds %.2f\n", ms.start_time_seconds);
+}
+
+static void render_os_process(const bw_shm *shm, struct evbuffer *out)
+{
+    pid_t *pids = calloc(shm->hdr->n_worker_slots + 1u, sizeof(*pids));
+    size_t n = 0;
+    if (pids == NULL)
+        return;
+    for (uint32_t w = 0; w < shm->hdr->n_worker_slots; w++) {
+        int32_t pid = atomic_load(&bw_shm_worker(shm, (int)w)->pid);
+        if (pid > 0)
+            pids[n++] = (pid_t)pid;
+    }
+    bw_metrics_render_process(getpid(), pids, n, out);
+    free(pids);
+}
+
 void bw_metrics_render(const bw_shm *shm, const bw_config *cfg, const bw_metrics_master *m,
                        uint64_t now_ms, uint64_t wall_ms, struct evbuffer *out)
 {
@@ -456,9 +650,11 @@ void bw_metrics_render(const bw_shm *shm, const bw_config *cfg, const bw_metrics
     render_requests(shm, cfg, out);
     render_upstream_counters(shm, cfg, out);
     render_breakers(shm, cfg, now_ms, out);
+    render_critical(cfg, out);
     render_rate_limits(shm, cfg, now_ms, out);
     render_connections(shm, cfg, out);
     render_accept_errors(shm, cfg, m, out);
     render_redis(shm, m, wall_ms, out);
     render_process(shm, m, out);
+    render_os_process(shm, out);
 }

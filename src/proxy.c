@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -2055,18 +2056,44 @@ static void client_event_cb(struct bufferevent *bev, short what, void *arg)
 
 /* ---------------------------------------------------------------------------------------- */
 
+/*
+ * Draining. Closing an idle keep-alive connection races with a request the client may already
+ * have sent (or is sending): the request would be lost with the connection. So every connection
+ * is only marked: its next response says `Connection: close` and the connection ends after it.
+ * Connections with nothing received are closed by bw_proxy_close_idle once drain_idle_grace_ms
+ * has passed, which leaves a busy client time to see the close on a response.
+ */
 void bw_proxy_drain(bw_worker *w)
 {
+    for (bw_session *s = w->sessions; s; s = s->next)
+        s->close_after = true;
+}
+
+/* True when nothing of a next request has arrived: not in the input buffer, not in the kernel's
+ * receive queue (read events of this loop iteration may not have run yet). */
+static bool session_idle(bw_session *s)
+{
+    if (s->state != SS_HEAD || evbuffer_get_length(bufferevent_get_input(s->bev)) > 0)
+        return false;
+    int queued = 0;
+    if (ioctl(bufferevent_getfd(s->bev), FIONREAD, &queued) == 0 && queued > 0)
+        return false;
+    return true;
+}
+
+size_t bw_proxy_close_idle(bw_worker *w)
+{
+    size_t closed = 0;
     bw_session *s = w->sessions;
     while (s) {
         bw_session *next = s->next;
-        if (s->state == SS_HEAD && s->served > 0 &&
-            evbuffer_get_length(bufferevent_get_input(s->bev)) == 0)
+        if (session_idle(s)) {
             session_free(s);
-        else
-            s->close_after = true;
+            closed++;
+        }
         s = next;
     }
+    return closed;
 }
 
 void bw_proxy_close_all(bw_worker *w)

@@ -514,6 +514,7 @@ int bw_shm_worker_acquire(bw_shm *shm, pid_t pid, uint64_t now_ms)
         if (atomic_compare_exchange_strong(&w->pid, &expected, (int32_t)pid)) {
             atomic_store(&w->started_ms, now_ms);
             atomic_store(&w->heartbeat_ms, now_ms);
+            atomic_store(&w->accepting, 0u);
             return (int)i;
         }
     }
@@ -529,6 +530,7 @@ void bw_shm_worker_release(bw_shm *shm, int slot)
         atomic_store_explicit(connections_cell(shm, (uint32_t)slot, i), 0, memory_order_relaxed);
     bw_worker_slot *w = bw_shm_worker(shm, slot);
     atomic_store(&w->heartbeat_ms, 0);
+    atomic_store(&w->accepting, 0u);
     atomic_store(&w->pid, 0);
 }
 

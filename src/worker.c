@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
@@ -138,6 +139,25 @@ static void accept_error_cb(struct evconnlistener *l, void *arg)
     }
 }
 
+/*
+ * Takes the connections already completed in the kernel's accept queue before the listener is
+ * closed: when the last copy of a listening socket closes, the kernel resets whatever is still
+ * queued, and those clients may have sent a request already. They are served like the others
+ * (Connection: close on their response). Bounded by max_connections.
+ */
+static void accept_pending(bw_worker *w, int index)
+{
+    evutil_socket_t lfd = evconnlistener_get_fd(w->listeners[index]);
+    while (w->n_sessions < w->cfg->limits.max_connections) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof(ss);
+        int fd = accept4(lfd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0)
+            return;
+        bw_proxy_accept(w, index, fd, (struct sockaddr *)&ss, (int)len);
+    }
+}
+
 static void start_drain(bw_worker *w, const char *why)
 {
     if (w->draining)
@@ -146,6 +166,7 @@ static void start_drain(bw_worker *w, const char *why)
     bw_log_info(w->log, "draining (%s), %zu connection(s) open", why, w->n_sessions);
     for (size_t i = 0; i < w->cfg->n_listeners; i++) {
         if (w->listeners[i]) {
+            accept_pending(w, (int)i);
             evconnlistener_free(w->listeners[i]);
             w->listeners[i] = NULL;
         }
@@ -155,6 +176,22 @@ static void start_drain(bw_worker *w, const char *why)
                          .tv_usec = (w->cfg->shutdown_timeout_ms % 1000) * 1000};
     evtimer_add(w->drain_timer, &tv);
     bw_proxy_drain(w);
+    uint32_t grace = w->cfg->drain_idle_grace_ms;
+    struct timeval gtv = {.tv_sec = grace / 1000, .tv_usec = (grace % 1000) * 1000};
+    evtimer_add(w->idle_grace_timer, &gtv);
+    drain_done_check(w);
+}
+
+/* The grace period of idle keep-alive connections is over: those still idle are closed. */
+static void idle_grace_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    bw_worker *w = arg;
+    size_t n = bw_proxy_close_idle(w);
+    if (n > 0)
+        bw_log_debug(w->log, "drain: closed %zu idle connection(s) after %u ms", n,
+                     w->cfg->drain_idle_grace_ms);
     drain_done_check(w);
 }
 
@@ -270,8 +307,9 @@ int bw_worker_run(const bw_worker_args *args)
     w.drain_timer = evtimer_new(w.base, drain_timeout_cb, &w);
     w.parent_timer = event_new(w.base, -1, EV_PERSIST, parent_check_cb, &w);
     w.accept_timer = evtimer_new(w.base, accept_resume_cb, &w);
+    w.idle_grace_timer = evtimer_new(w.base, idle_grace_cb, &w);
     if (!w.ev_term || !w.ev_int || !w.ev_usr1 || !w.ev_hup || !w.drain_timer || !w.parent_timer ||
-        !w.accept_timer)
+        !w.accept_timer || !w.idle_grace_timer)
         goto out;
     evsignal_add(w.ev_term, NULL);
     evsignal_add(w.ev_int, NULL);
@@ -280,6 +318,9 @@ int bw_worker_run(const bw_worker_args *args)
     struct timeval second = {1, 0};
     event_add(w.parent_timer, &second);
 
+    bw_worker_slot *slot = bw_shm_worker(w.shm, w.worker_slot);
+    if (slot) /* the master's readiness notification waits for this */
+        atomic_store(&slot->accepting, 1u);
     bw_log_info(w.log, "worker %d started (pid %d)", w.index, (int)getpid());
     event_base_dispatch(w.base);
     rc = 0;
@@ -296,8 +337,8 @@ out:
     free(w.rl_params);
     free(w.resp_head);
     free(w.path_buf);
-    struct event *evs[] = {w.ev_term,      w.ev_int,       w.ev_usr1,      w.ev_hup,
-                           w.drain_timer,  w.parent_timer, w.accept_timer};
+    struct event *evs[] = {w.ev_term,      w.ev_int,       w.ev_usr1,     w.ev_hup,
+                           w.drain_timer,  w.parent_timer, w.accept_timer, w.idle_grace_timer};
     for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
         if (evs[i])
             event_free(evs[i]);

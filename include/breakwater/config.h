@@ -162,10 +162,18 @@ typedef enum bw_log_level {
     BW_LOG_ERROR = 3,
 } bw_log_level;
 
+typedef enum bw_log_query {
+    BW_LOG_QUERY_REDACT = 0, /* query values replaced by "-" (default) */
+    BW_LOG_QUERY_KEEP = 1,   /* the request target as received */
+    BW_LOG_QUERY_DROP = 2,   /* no query at all */
+} bw_log_query;
+
 typedef struct bw_log_conf {
     char *error_log;  /* path, or NULL/"stderr" for stderr */
     char *access_log; /* path, "stdout", or "off"; default "stdout" */
     bw_log_level level; /* default info */
+    bool error_json;    /* error_format "json" (default "text") */
+    bw_log_query query; /* what the access log keeps of a query string */
 } bw_log_conf;
 
 typedef struct bw_limits_conf {
@@ -198,7 +206,15 @@ typedef struct bw_config {
     bw_log_conf log;
     bw_limits_conf limits;
     uint32_t shutdown_timeout_ms; /* default 10000 */
+    uint32_t drain_idle_grace_ms; /* idle keep-alive connections of a draining worker live this
+                                   * long before they are closed; default 1000 */
     bool probes_on_listeners;     /* default true */
+    /* One line per environment override in effect ("environment X=V replaces FIELD (was W)"),
+     * for the master to log at start and on every reload. notes_warn[i] is true when the value
+     * replaced was written in the file (not a default). */
+    char **notes;
+    bool *notes_warn;
+    size_t n_notes;
 } bw_config;
 
 /* Environment lookup, injectable for tests (NULL means getenv). */

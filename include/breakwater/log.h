@@ -22,6 +22,8 @@ typedef struct bw_log {
     char *error_path;     /* NULL for stderr */
     char *access_path;    /* NULL for stdout / off */
     char tag[32];         /* "master" or "worker 3", prefixed to error lines */
+    bool json;            /* error lines as JSON objects (log.error_format "json") */
+    bw_log_query query;   /* what the access log keeps of query strings */
 } bw_log;
 
 /* Opens the destinations named by the configuration. Returns 0, or -1 with a reason in err. */
@@ -31,7 +33,9 @@ void bw_log_reopen(bw_log *log);
 void bw_log_close(bw_log *log);
 void bw_log_set_tag(bw_log *log, const char *tag);
 
-/* "2026-11-25T02:58:58.123Z level tag: message" to the error log when level >= log->level. */
+/* "2026-11-25T02:58:58.123Z level tag: message" to the error log when level >= log->level, or
+ * with log->json {"timestamp":"...","level":"warn","message":"...","process":"worker 1",
+ * "pid":123}. */
 void bw_log_msg(bw_log *log, bw_log_level level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
@@ -66,6 +70,17 @@ typedef struct bw_access_record {
     const char *error;        /* proxy-side error kind, or NULL */
     bool tls;
 } bw_access_record;
+
+/*
+ * Rewrites a request target's query for the access log. KEEP copies it; DROP cuts it at the '?';
+ * REDACT keeps each parameter's name and replaces its value with "-" ("?token=abc&a=1" becomes
+ * "?token=-&a=-"). A parameter without '=' ("?abc123") may itself be a secret, so it becomes
+ * "-" too; empty parameters ("&&") and empty values ("a=") stay as they are; everything after
+ * the first '=' of a parameter is its value ("a=b=c" becomes "a=-"). The output is never longer
+ * than the input; it is cut at cap bytes (never in the middle of a value, which is never copied).
+ * Returns the length written.
+ */
+size_t bw_log_query_apply(bw_log_query mode, const char *target, size_t len, char *out, size_t cap);
 
 /* Formats a record as one JSON line (escaping every string) and writes it. */
 void bw_log_access(bw_log *log, const bw_access_record *rec);

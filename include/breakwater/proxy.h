@@ -21,8 +21,13 @@
 void bw_proxy_accept(bw_worker *w, int listener, evutil_socket_t fd, const struct sockaddr *sa,
                      int salen);
 
-/* Starts draining: idle keep-alive connections close now, busy ones after their response. */
+/* Starts draining: every connection ends after its next response, which says
+ * `Connection: close`; connections that stay idle are left for bw_proxy_close_idle. */
 void bw_proxy_drain(bw_worker *w);
+
+/* Closes the connections of a draining worker on which nothing of a request has arrived
+ * (called once drain_idle_grace_ms has passed). Returns how many were closed. */
+size_t bw_proxy_close_idle(bw_worker *w);
 
 /* Closes every session at once (worker exit). */
 void bw_proxy_close_all(bw_worker *w);

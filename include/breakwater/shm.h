@@ -72,6 +72,7 @@ typedef struct bw_worker_slot {
     _Atomic int32_t pid;           /* 0 = free */
     _Atomic uint64_t heartbeat_ms; /* CLOCK_MONOTONIC ms, written by the worker every second */
     _Atomic uint64_t started_ms;
+    _Atomic uint32_t accepting; /* 1 once the worker watches its listeners (readiness) */
 } bw_worker_slot;
 
 typedef struct bw_shm_named {

@@ -54,6 +54,7 @@ typedef struct bw_worker {
     size_t n_sessions;
     bool draining;
     struct event *ev_term, *ev_int, *ev_usr1, *ev_hup, *drain_timer, *parent_timer;
+    struct event *idle_grace_timer; /* drain_idle_grace_ms after a drain began */
     uint64_t reqid_state; /* request-id generator state, seeded from the kernel */
 } bw_worker;
 

@@ -1931,3 +1931,136 @@ def raw_exchange(port, data, timeout=10.0):
             got += chunk
     finally:
         s.close()
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's notification socket: pass .env_value as
+    NOTIFY_SOCKET. Each received message is (sender pid, {KEY: VALUE}); the sender's pid comes
+    from the kernel (SCM_CREDENTIALS), so a test can tell who sent it."""
+
+    def __init__(self, tmp_path, abstract=False):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        if abstract:
+            name = "bw-notify-%d-%d" % (os.getpid(), next(_instance_counter))
+            self.sock.bind("\0" + name)
+            self.env_value = "@" + name
+        else:
+            path = str(Path(tmp_path) / ("notify-%d.sock" % next(_instance_counter)))
+            self.sock.bind(path)
+            self.env_value = path
+        self.messages = []
+
+    def recv(self, timeout):
+        """The next message, or None when none arrives within timeout seconds."""
+        r, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
+        if not r:
+            return None
+        creds = struct.calcsize("3i")
+        data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(creds))
+        pid = None
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = struct.unpack("3i", payload[:creds])[0]
+        fields = {}
+        for line in data.decode("utf-8", "replace").split("\n"):
+            if "=" in line:
+                k, v = line.split("=", 1)
+                fields[k] = v
+        msg = (pid, fields)
+        self.messages.append(msg)
+        return msg
+
+    def wait_for(self, key, timeout=10.0):
+        """Reads messages until one carries key; returns it (HarnessError on timeout)."""
+        end = deadline_after(timeout)
+        while True:
+            msg = self.recv(end - time.monotonic())
+            if msg is not None and key in msg[1]:
+                return msg
+            if time.monotonic() >= end:
+                raise HarnessError("no %s notification within %.1f s (got %r)"
+                                   % (key, timeout, self.messages))
+
+    def close(self):
+        self.sock.close()
+
+
+class KeepAliveLoad:
+    """n threads, each with one keep-alive connection sending GET requests back to back. A
+    response with Connection: close followed by the close is clean (the thread reconnects); a
+    connection that ends with a request in flight, an error status or a truncated response is
+    a failure. With refused_ok, a refused connect (the proxy has stopped listening) ends that
+    thread instead of counting as a failure. Bounded: stop() ends every thread within the
+    request timeout."""
+
+    def __init__(self, port, n=16, target="/load", timeout=10.0, refused_ok=False):
+        self.port, self.n, self.target = port, n, target
+        self.timeout = timeout
+        self.refused_ok = refused_ok
+        self.lock = threading.Lock()
+        self.ok = self.failed = self.clean_closes = self.refused = 0
+        self.failures = []
+        self._stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
+        self._req = ("GET %s HTTP/1.1\r\nHost: load.test\r\n\r\n" % target).encode()
+
+    def start(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def _fail(self, why):
+        with self.lock:
+            self.failed += 1
+            if len(self.failures) < 20:
+                self.failures.append(why)
+
+    def _run(self):
+        c = None
+        while not self._stop.is_set():
+            if c is None:
+                try:
+                    c = Client(self.port, timeout=self.timeout)
+                except ConnectionRefusedError:
+                    if self.refused_ok:
+                        with self.lock:
+                            self.refused += 1
+                        return
+                    self._fail("connect refused")
+                    time.sleep(0.01)
+                    continue
+                except OSError as e:
+                    self._fail("connect: %r" % e)
+                    time.sleep(0.01)
+                    continue
+            try:
+                c.send(self._req)
+                r = c.read_response(timeout=self.timeout)
+            except (NoResponse, OSError, ValueError) as e:
+                self._fail("request in flight: %r" % e)
+                c.close()
+                c = None
+                continue
+            if r.status != 200 or not r.complete:
+                self._fail("response %r" % r)
+            else:
+                with self.lock:
+                    self.ok += 1
+            if "close" in _connection_tokens(r.headers):
+                with self.lock:
+                    self.clean_closes += 1
+                c.close()
+                c = None
+        if c is not None:
+            c.close()
+
+    def total(self):
+        with self.lock:
+            return self.ok + self.failed
+
+    def stop(self):
+        self._stop.set()
+        for t in self.threads:
+            t.join(self.timeout * SLOW + 5)
+        return self

@@ -229,7 +229,7 @@ static void test_full_config(void **state)
     assert_int_equal(bw_config_find_upstream(cfg, "static"), 1);
     assert_int_equal(bw_config_find_upstream(cfg, "nope"), -1);
     assert_int_equal(cfg->n_rate_limits, 2);
-    assert_int_equal(cfg->default_rate_limit, 0);
+    assert_int_equal(cfg->default_rate_limit, -1); /* two policies, none named "default" */
     assert_int_equal(cfg->rate_limits[0].capacity, 5);
     assert_true(cfg->rate_limits[0].refill_per_sec == 0.5);
     assert_int_equal(cfg->rate_limits[0].ipv6_prefix, 56);
@@ -926,13 +926,41 @@ static void test_env_breaker_overrides(void **state)
              BREAKER_UPS);
     bw_config *cfg = parse_ok(text);
     const bw_breaker_conf *set = &cfg->upstreams[0].breaker, *unset = &cfg->upstreams[1].breaker;
-    assert_int_equal(set->failure_threshold, 9);
-    assert_int_equal(set->reset_timeout_ms, 1000);
-    assert_int_equal(set->half_open_success_threshold, 4);
+    /* The environment wins over the file, for every breaker. */
+    assert_int_equal(set->failure_threshold, 7);
+    assert_int_equal(set->reset_timeout_ms, 2500);
+    assert_int_equal(set->half_open_success_threshold, 3);
     assert_int_equal(unset->failure_threshold, 7);
     assert_int_equal(unset->reset_timeout_ms, 2500);
     assert_int_equal(unset->half_open_success_threshold, 3);
     assert_false(unset->set_failure_threshold);
+    /* Each override is noted with the field and the value it replaced; a value from the file
+     * is a warning, a default is not. */
+    assert_int_equal(cfg->n_notes, 6);
+    assert_string_equal(cfg->notes[0], "environment CIRCUIT_BREAKER_FAILURE_THRESHOLD=7 replaces "
+                                       "upstreams.set.circuit_breaker.failure_threshold (was 9)");
+    assert_true(cfg->notes_warn[0]);
+    assert_string_equal(cfg->notes[1],
+                        "environment CIRCUIT_BREAKER_RESET_TIMEOUT_SECONDS=2.5 replaces "
+                        "upstreams.set.circuit_breaker.reset_timeout_ms (was 1000)");
+    assert_string_equal(cfg->notes[2],
+                        "environment CIRCUIT_BREAKER_HALF_OPEN_SUCCESS_THRESHOLD=3 replaces "
+                        "upstreams.set.circuit_breaker.half_open_success_threshold (was 4)");
+    assert_string_equal(cfg->notes[3],
+                        "environment CIRCUIT_BREAKER_FAILURE_THRESHOLD=7 replaces "
+                        "upstreams.unset.circuit_breaker.failure_threshold (was 5, the default)");
+    assert_false(cfg->notes_warn[3]);
+    bw_config_free(cfg);
+}
+
+static void test_env_none_no_notes(void **state)
+{
+    (void)state;
+    bw_config *cfg = parse_ok(MINIMAL);
+    assert_int_equal(cfg->n_notes, 0);
+    assert_int_equal(cfg->drain_idle_grace_ms, 1000);
+    assert_int_equal(cfg->log.query, BW_LOG_QUERY_REDACT);
+    assert_false(cfg->log.error_json);
     bw_config_free(cfg);
 }
 
@@ -955,20 +983,85 @@ static void test_env_rate_limit_overrides(void **state)
     fake_env = env;
     bw_config *cfg = parse_ok("{" LISTEN "," UPS "," ROUTES ", \"rate_limits\": {\"first\": {},"
                               " \"default\": {\"capacity\": 7}, \"other\": {}}}");
+    /* The policy named "default" takes them, and they win over what the file says. */
     assert_int_equal(cfg->default_rate_limit, 1);
-    assert_int_equal(cfg->rate_limits[1].capacity, 7);
+    assert_int_equal(cfg->rate_limits[1].capacity, 42);
     assert_true(cfg->rate_limits[1].refill_per_sec == 0.25);
     assert_int_equal(cfg->rate_limits[0].capacity, 100);
     assert_int_equal(cfg->rate_limits[2].capacity, 100);
+    assert_int_equal(cfg->n_notes, 2);
+    assert_string_equal(cfg->notes[0], "environment RATE_LIMIT_CAPACITY=42 replaces "
+                                       "rate_limits.default.capacity (was 7)");
+    assert_true(cfg->notes_warn[0]);
+    assert_string_equal(cfg->notes[1], "environment RATE_LIMIT_REFILL_RATE=0.25 replaces "
+                                       "rate_limits.default.refill_per_sec (was 10, the default)");
+    assert_false(cfg->notes_warn[1]);
     bw_config_free(cfg);
 
+    /* Two policies, none named "default" and no default_rate_limit: nothing takes them, and
+     * that is said. */
     cfg = parse_ok("{" LISTEN "," UPS "," ROUTES ", \"rate_limits\": {\"first\": {},"
                    " \"second\": {}}}");
+    assert_int_equal(cfg->default_rate_limit, -1);
+    assert_int_equal(cfg->rate_limits[0].capacity, 100);
+    assert_int_equal(cfg->rate_limits[1].capacity, 100);
+    assert_int_equal(cfg->n_notes, 1);
+    assert_non_null(strstr(cfg->notes[0], "apply to no policy"));
+    assert_true(cfg->notes_warn[0]);
+    bw_config_free(cfg);
+
+    /* The only policy, whatever its name. */
+    cfg = parse_ok("{" LISTEN "," UPS "," ROUTES ", \"rate_limits\": {\"api\": "
+                   "{\"capacity\": 100}}}");
     assert_int_equal(cfg->default_rate_limit, 0);
     assert_int_equal(cfg->rate_limits[0].capacity, 42);
-    assert_true(cfg->rate_limits[0].refill_per_sec == 0.25);
-    assert_int_equal(cfg->rate_limits[1].capacity, 100);
     bw_config_free(cfg);
+
+    /* default_rate_limit names it explicitly, over a policy called "default". */
+    cfg = parse_ok("{" LISTEN "," UPS "," ROUTES ", \"default_rate_limit\": \"other\", "
+                   "\"rate_limits\": {\"default\": {}, \"other\": {\"capacity\": 5}}}");
+    assert_int_equal(cfg->default_rate_limit, 1);
+    assert_int_equal(cfg->rate_limits[1].capacity, 42);
+    assert_int_equal(cfg->rate_limits[0].capacity, 100);
+    bw_config_free(cfg);
+}
+
+static void test_default_rate_limit_unknown(void **state)
+{
+    (void)state;
+    bw_diag d;
+    assert_null(parse("{" LISTEN "," UPS "," ROUTES ",\n \"default_rate_limit\": \"nope\", "
+                      "\"rate_limits\": {\"a\": {}}}",
+                      &d));
+    assert_true(diag_has(&d, "test.json:2:24: default_rate_limit: names no policy of rate_limits: "
+                             "\"nope\""));
+    bw_diag_free(&d);
+    assert_null(parse("{" LISTEN "," UPS "," ROUTES ", \"default_rate_limit\": 3}", &d));
+    assert_true(diag_has(&d, "default_rate_limit"));
+    bw_diag_free(&d);
+}
+
+static void test_log_format_and_query_fields(void **state)
+{
+    (void)state;
+    bw_config *cfg = parse_ok("{" LISTEN "," UPS "," ROUTES ", \"drain_idle_grace_ms\": 250, "
+                              "\"log\": {\"error_format\": \"json\", \"query\": \"drop\"}}");
+    assert_true(cfg->log.error_json);
+    assert_int_equal(cfg->log.query, BW_LOG_QUERY_DROP);
+    assert_int_equal(cfg->drain_idle_grace_ms, 250);
+    bw_config_free(cfg);
+    cfg = parse_ok("{" LISTEN "," UPS "," ROUTES ", \"log\": {\"error_format\": \"text\", "
+                   "\"query\": \"keep\"}}");
+    assert_false(cfg->log.error_json);
+    assert_int_equal(cfg->log.query, BW_LOG_QUERY_KEEP);
+    bw_config_free(cfg);
+    bw_diag d;
+    assert_null(parse("{" LISTEN "," UPS "," ROUTES ", \"log\": {\"error_format\": \"xml\", "
+                      "\"query\": \"hide\"}}",
+                      &d));
+    assert_true(diag_has(&d, "log.error_format: must be \"text\" or \"json\", got \"xml\""));
+    assert_true(diag_has(&d, "log.query: must be \"redact\", \"keep\" or \"drop\", got \"hide\""));
+    bw_diag_free(&d);
 }
 
 static void test_env_redis_url(void **state)
@@ -1312,6 +1405,9 @@ int main(void)
         cmocka_unit_test_setup(test_env_breaker_overrides, reset_env),
         cmocka_unit_test_setup(test_env_reset_raises_default_max, reset_env),
         cmocka_unit_test_setup(test_env_rate_limit_overrides, reset_env),
+        cmocka_unit_test_setup(test_env_none_no_notes, reset_env),
+        cmocka_unit_test_setup(test_default_rate_limit_unknown, reset_env),
+        cmocka_unit_test_setup(test_log_format_and_query_fields, reset_env),
         cmocka_unit_test_setup(test_env_redis_url, reset_env),
         cmocka_unit_test_setup(test_env_log_level, reset_env),
         cmocka_unit_test_setup(test_env_empty_is_unset, reset_env),

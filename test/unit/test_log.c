@@ -183,7 +183,7 @@ static void test_error_line_format_and_filter(void **state)
 {
     (void)state;
     bw_log log;
-    bw_log_conf conf = {path_in_tmp("error.log"), "off", BW_LOG_WARN};
+    bw_log_conf conf = {path_in_tmp("error.log"), "off", BW_LOG_WARN, false, BW_LOG_QUERY_REDACT};
     char err[256];
     regex_t re;
 
@@ -222,7 +222,7 @@ static void test_error_line_truncated(void **state)
 {
     (void)state;
     bw_log log;
-    bw_log_conf conf = {path_in_tmp("long.log"), "off", BW_LOG_DEBUG};
+    bw_log_conf conf = {path_in_tmp("long.log"), "off", BW_LOG_DEBUG, false, BW_LOG_QUERY_REDACT};
     char err[256];
     char *big = malloc(20001);
     memset(big, 'x', 20000);
@@ -249,13 +249,15 @@ static void test_open_failure_reports(void **state)
 {
     (void)state;
     bw_log log;
-    bw_log_conf conf = {path_in_tmp("no/such/dir/error.log"), "off", BW_LOG_INFO};
+    bw_log_conf conf = {path_in_tmp("no/such/dir/error.log"), "off", BW_LOG_INFO, false,
+                        BW_LOG_QUERY_REDACT};
     char err[256] = "";
     assert_int_equal(bw_log_open(&log, &conf, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "no/such/dir/error.log"));
     assert_non_null(strstr(err, "No such file"));
 
-    bw_log_conf conf2 = {NULL, path_in_tmp("missing/access.log"), BW_LOG_INFO};
+    bw_log_conf conf2 = {NULL, path_in_tmp("missing/access.log"), BW_LOG_INFO, false,
+                         BW_LOG_QUERY_REDACT};
     assert_int_equal(bw_log_open(&log, &conf2, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "access log"));
 }
@@ -273,7 +275,7 @@ static void test_default_destinations(void **state)
     assert_string_equal(log.tag, "master");
     bw_log_close(&log);
 
-    bw_log_conf conf = {"stderr", "stdout", BW_LOG_ERROR};
+    bw_log_conf conf = {"stderr", "stdout", BW_LOG_ERROR, false, BW_LOG_QUERY_REDACT};
     assert_int_equal(bw_log_open(&log, &conf, err, sizeof(err)), 0);
     assert_int_equal(log.error_fd, STDERR_FILENO);
     assert_int_equal(log.access_fd, STDOUT_FILENO);
@@ -466,11 +468,215 @@ static void test_access_random_bytes(void **state)
     }
 }
 
+/* ---- query strings: redact, keep, drop ---- */
+
+static char *apply(bw_log_query mode, const char *in, size_t cap)
+{
+    static char out[1024];
+    size_t n = bw_log_query_apply(mode, in, strlen(in), out, cap);
+    assert_true(n <= cap);
+    out[n] = '\0';
+    return out;
+}
+
+static void test_query_redact_cases(void **state)
+{
+    (void)state;
+    static const char *const cases[][2] = {
+        {"/p?token=abc&a=1", "/p?token=-&a=-"},
+        {"/p", "/p"},
+        {"/p?", "/p?"},
+        {"/p?a", "/p?-"},
+        {"/p?=x", "/p?=-"},
+        {"/p?a=b=c", "/p?a=-"},
+        {"/p?&&", "/p?&&"},
+        {"/p?a=&b=", "/p?a=&b="},
+        {"/p?a=1&&b=2&", "/p?a=-&&b=-&"},
+        {"/p?%74oken=%61%62c", "/p?%74oken=-"},
+        {"/p?a=x?y=z", "/p?a=-"},
+        {"/p?secret", "/p?-"},
+        {"/p?a=1;b=secret", "/p?a=-"},
+        {"?x=1", "?x=-"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
+        assert_string_equal(apply(BW_LOG_QUERY_REDACT, cases[i][0], 1000), cases[i][1]);
+    assert_string_equal(apply(BW_LOG_QUERY_KEEP, "/p?token=abc", 1000), "/p?token=abc");
+    assert_string_equal(apply(BW_LOG_QUERY_DROP, "/p?token=abc&a=1", 1000), "/p");
+    assert_string_equal(apply(BW_LOG_QUERY_DROP, "/p", 1000), "/p");
+    /* Cut short by the output's size: a prefix, never part of a value. */
+    assert_string_equal(apply(BW_LOG_QUERY_REDACT, "/p?token=abcdef", 5), "/p?");
+    assert_string_equal(apply(BW_LOG_QUERY_REDACT, "/p?token=abcdef", 9), "/p?");
+    assert_string_equal(apply(BW_LOG_QUERY_REDACT, "/p?token=abcdef", 10), "/p?token=-");
+    assert_string_equal(apply(BW_LOG_QUERY_REDACT, "/p?token=abcdef", 0), "");
+}
+
+/* The reference the property test compares with: split on '&', then on the first '='. */
+static void reference_redact(const char *in, char *out)
+{
+    const char *q = strchr(in, '?');
+    if (q == NULL) {
+        strcpy(out, in);
+        return;
+    }
+    size_t o = (size_t)(q - in) + 1;
+    memcpy(out, in, o);
+    const char *c = q + 1;
+    for (;;) {
+        const char *amp = strchr(c, '&');
+        size_t clen = amp ? (size_t)(amp - c) : strlen(c);
+        const char *eq = memchr(c, '=', clen);
+        if (eq) {
+            memcpy(out + o, c, (size_t)(eq - c) + 1);
+            o += (size_t)(eq - c) + 1;
+            if ((size_t)(eq - c) + 1 < clen)
+                out[o++] = '-';
+        } else if (clen > 0) {
+            out[o++] = '-';
+        }
+        if (!amp)
+            break;
+        out[o++] = '&';
+        c = amp + 1;
+    }
+    out[o] = '\0';
+}
+
+/* Random targets whose values (and bare parameters) hold the marker "SECRET" among separators
+ * and percent-escapes: redaction matches the reference, never shows the marker, and any cut
+ * of the output is a prefix of the whole. */
+static void test_query_redact_property(void **state)
+{
+    (void)state;
+    static const char *const name_parts[] = {"a", "tok", "%41", "", "x_y", "%3D"};
+    static const char *const value_parts[] = {"SECRET",        "=", "?", "%26", "%",
+                                              "SECRET=SECRET", ";", "+", "#",   " "};
+    uint64_t seed = 0x9E3779B97F4A7C15ull;
+    for (int iter = 0; iter < 20000; iter++) {
+        char in[512], ref[1024], full[1024], cut[1024];
+        size_t n = (size_t)snprintf(in, sizeof(in), "/path");
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        uint64_t r = seed;
+        in[n++] = '?';
+        int params = (int)((r >> 1) % 6);
+        for (int k = 0; k < params && n < 400; k++) {
+            r = r * 6364136223846793005ull + 1442695040888963407ull;
+            if (k > 0)
+                in[n++] = '&';
+            unsigned kind = (unsigned)(r >> 60) % 4; /* name=value, bare, empty, name= */
+            const char *nm = name_parts[(r >> 8) % 6];
+            if (kind != 2 && kind != 1)
+                n += (size_t)sprintf(in + n, "%s=", nm);
+            if (kind == 0) {
+                int parts = 1 + (int)((r >> 16) % 3);
+                for (int v = 0; v < parts; v++)
+                    n += (size_t)sprintf(in + n, "%s", value_parts[(r >> (20 + 4 * v)) % 10]);
+            } else if (kind == 1) {
+                /* A bare parameter: no '=' (that would make its start a name). */
+                n += (size_t)sprintf(in + n, "%s", (r >> 40) % 2 ? "SECRET%41" : "SECRET");
+            }
+        }
+        in[n] = '\0';
+        reference_redact(in, ref);
+        size_t fl = bw_log_query_apply(BW_LOG_QUERY_REDACT, in, n, full, sizeof(full));
+        full[fl] = '\0';
+        assert_string_equal(full, ref);
+        assert_true(fl <= n);
+        if (strstr(strchr(full, '?'), "SECRET"))
+            fail_msg("leak: \"%s\" -> \"%s\"", in, full);
+        size_t cap = (size_t)(r >> 48) % (fl + 2);
+        size_t cl = bw_log_query_apply(BW_LOG_QUERY_REDACT, in, n, cut, cap);
+        assert_true(cl <= cap);
+        if (memcmp(cut, full, cl) != 0)
+            fail_msg("cut at %zu of \"%s\": \"%.*s\" is not a prefix of \"%s\"", cap, in, (int)cl,
+                     cut, full);
+        size_t dl = bw_log_query_apply(BW_LOG_QUERY_DROP, in, n, cut, sizeof(cut));
+        assert_int_equal(dl, (size_t)(strchr(in, '?') - in));
+    }
+}
+
+static void test_access_log_redacts_by_default(void **state)
+{
+    (void)state;
+    bw_log log;
+    bw_log_conf conf = {NULL, path_in_tmp("redact.log"), BW_LOG_INFO, false, BW_LOG_QUERY_REDACT};
+    char err[256];
+    bw_access_record r = sample_record();
+    static const char target[] = "/login?token=abc123&user=bob";
+    r.path = target;
+    r.path_len = strlen(target);
+    assert_int_equal(bw_log_open(&log, &conf, err, sizeof(err)), 0);
+    bw_log_access(&log, &r);
+    log.query = BW_LOG_QUERY_DROP;
+    bw_log_access(&log, &r);
+    log.query = BW_LOG_QUERY_KEEP;
+    bw_log_access(&log, &r);
+    bw_log_close(&log);
+    char *text = slurp(conf.access_log, NULL);
+    assert_non_null(text);
+    assert_int_equal(count_lines(text), 3);
+    const char *want[] = {"/login?token=-&user=-", "/login", target};
+    char *line = text;
+    for (int i = 0; i < 3; i++) {
+        char *nl = strchr(line, '\n');
+        char one[8192];
+        memcpy(one, line, (size_t)(nl - line + 1));
+        one[nl - line + 1] = '\0';
+        cJSON *j = parse_line(one, (size_t)(nl - line + 1));
+        assert_string_equal(cJSON_GetObjectItem(j, "path")->valuestring, want[i]);
+        cJSON_Delete(j);
+        line = nl + 1;
+    }
+    free(text);
+}
+
+static void test_error_log_json(void **state)
+{
+    (void)state;
+    bw_log log;
+    bw_log_conf conf = {path_in_tmp("error.json"), "off", BW_LOG_INFO, true, BW_LOG_QUERY_REDACT};
+    char err[256];
+    assert_int_equal(bw_log_open(&log, &conf, err, sizeof(err)), 0);
+    bw_log_set_tag(&log, "worker 2");
+    bw_log_debug(&log, "filtered");
+    bw_log_warn(&log, "upstream \"%s\" said\n\x01%s", "api", "\xff bad utf-8");
+    char big[6000];
+    memset(big, '"', sizeof(big) - 1);
+    big[sizeof(big) - 1] = '\0';
+    bw_log_error(&log, "%s", big);
+    bw_log_close(&log);
+    char *text = slurp(conf.error_log, NULL);
+    assert_non_null(text);
+    assert_int_equal(count_lines(text), 2);
+    char *nl = strchr(text, '\n');
+    cJSON *j = cJSON_ParseWithLength(text, (size_t)(nl - text));
+    assert_non_null(j);
+    assert_string_equal(cJSON_GetObjectItem(j, "level")->valuestring, "warn");
+    assert_string_equal(cJSON_GetObjectItem(j, "message")->valuestring,
+                        "upstream \"api\" said\n\x01\xc3\xbf bad utf-8");
+    assert_string_equal(cJSON_GetObjectItem(j, "process")->valuestring, "worker 2");
+    assert_int_equal(cJSON_GetObjectItem(j, "pid")->valueint, (int)getpid());
+    regex_t re;
+    assert_int_equal(regcomp(&re, "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:]{8}\\.[0-9]{3}Z$",
+                             REG_EXTENDED | REG_NOSUB),
+                     0);
+    assert_int_equal(regexec(&re, cJSON_GetObjectItem(j, "timestamp")->valuestring, 0, NULL, 0), 0);
+    regfree(&re);
+    cJSON_Delete(j);
+    /* A message of only quotes escapes to twice its length and still makes one object. */
+    j = cJSON_Parse(nl + 1);
+    assert_non_null(j);
+    const char *m = cJSON_GetObjectItem(j, "message")->valuestring;
+    assert_true(strlen(m) > 1000 && strlen(m) <= 4096);
+    assert_string_equal(cJSON_GetObjectItem(j, "level")->valuestring, "error");
+    cJSON_Delete(j);
+    free(text);
+}
+
 static void test_access_write_and_off(void **state)
 {
     (void)state;
     bw_log log;
-    bw_log_conf conf = {NULL, path_in_tmp("access.log"), BW_LOG_INFO};
+    bw_log_conf conf = {NULL, path_in_tmp("access.log"), BW_LOG_INFO, false, BW_LOG_QUERY_REDACT};
     char err[256];
     bw_access_record r = sample_record();
 
@@ -492,7 +698,7 @@ static void test_access_write_and_off(void **state)
     cJSON_Delete(j);
     free(text);
 
-    bw_log_conf off = {NULL, "off", BW_LOG_INFO};
+    bw_log_conf off = {NULL, "off", BW_LOG_INFO, false, BW_LOG_QUERY_REDACT};
     assert_int_equal(bw_log_open(&log, &off, err, sizeof(err)), 0);
     bw_log_access(&log, &r); /* no destination: nothing happens */
     bw_log_close(&log);
@@ -508,7 +714,7 @@ static void test_reopen_after_rename(void **state)
     snprintf(alog, sizeof(alog), "%s", path_in_tmp("rot-access.log"));
     snprintf(elog1, sizeof(elog1), "%s.1", elog);
     snprintf(alog1, sizeof(alog1), "%s.1", alog);
-    bw_log_conf conf = {elog, alog, BW_LOG_INFO};
+    bw_log_conf conf = {elog, alog, BW_LOG_INFO, false, BW_LOG_QUERY_REDACT};
     char err[256];
     bw_access_record r = sample_record();
 
@@ -558,7 +764,7 @@ static void test_reopen_failure_keeps_old(void **state)
     assert_int_equal(mkdir(dir, 0700), 0);
     snprintf(elog, sizeof(elog), "%s/error.log", dir);
     snprintf(elog2, sizeof(elog2), "%s/error.log", dir2);
-    bw_log_conf conf = {elog, "off", BW_LOG_INFO};
+    bw_log_conf conf = {elog, "off", BW_LOG_INFO, false, BW_LOG_QUERY_REDACT};
     char err[256];
 
     assert_int_equal(bw_log_open(&log, &conf, err, sizeof(err)), 0);
@@ -590,6 +796,10 @@ int main(void)
         cmocka_unit_test(test_access_long_values),
         cmocka_unit_test(test_access_random_bytes),
         cmocka_unit_test(test_access_write_and_off),
+        cmocka_unit_test(test_query_redact_cases),
+        cmocka_unit_test(test_query_redact_property),
+        cmocka_unit_test(test_access_log_redacts_by_default),
+        cmocka_unit_test(test_error_log_json),
         cmocka_unit_test(test_reopen_after_rename),
         cmocka_unit_test(test_reopen_failure_keeps_old),
     };

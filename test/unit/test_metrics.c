@@ -14,7 +14,9 @@
 
 #include <cmocka.h>
 
+#include <signal.h>
 #include <stdatomic.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <event2/buffer.h>
@@ -29,7 +31,7 @@
 static const char BASE[] =
     "{\"workers\": 2, \"rate_limit_table_size\": 1024,"
     " \"listeners\": [{\"address\": \"127.0.0.1:8080\"}],"
-    " \"upstreams\": {\"api\": {\"servers\": [\"127.0.0.1:9001\"]},"
+    " \"upstreams\": {\"api\": {\"servers\": [\"127.0.0.1:9001\"], \"critical\": true},"
     "                 \"web\": {\"servers\": [\"127.0.0.1:9002\"]}},"
     " \"routes\": [{\"path_prefix\": \"/api\", \"name\": \"r\", \"upstream\": \"api\","
     "               \"rate_limit\": \"pc\"},"
@@ -214,6 +216,9 @@ static void test_upstream_and_breaker_families(void **state)
         t, "breakwater_circuit_breaker_transitions_total{upstream=\"web\",to=\"half_open\"} 0");
     expect_line(t, "breakwater_circuit_breaker_rejected_total{upstream=\"api\"} 1");
     expect_line(t, "breakwater_circuit_breaker_rejected_total{upstream=\"web\"} 0");
+    expect_line(t, "# TYPE breakwater_upstream_critical gauge");
+    expect_line(t, "breakwater_upstream_critical{upstream=\"api\"} 1");
+    expect_line(t, "breakwater_upstream_critical{upstream=\"web\"} 0");
 }
 
 static void test_rate_limit_and_process_families(void **state)
@@ -351,6 +356,100 @@ static void test_promtool_accepts(void **state)
         fail_msg("promtool check metrics failed (%d):\n%s", status, out);
 }
 
+/* ---- the process set ---- */
+
+static void test_proc_stat_parsing(void **state)
+{
+    (void)state;
+    /* A command name with spaces and parentheses; utime 250, stime 50 ticks; starttime 1000;
+     * rss 300 pages. */
+    const char *stat = "4242 (bw (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 "
+                       "1000 123456789 300 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0";
+    bw_proc_sample ps;
+    assert_int_equal(bw_metrics_parse_proc_stat(stat, 100, 4096, 1700000000.0, &ps), 0);
+    assert_true(ps.cpu_seconds == 3.0);
+    assert_int_equal(ps.rss_bytes, 300 * 4096);
+    assert_true(ps.start_time_seconds == 1700000010.0);
+    assert_int_equal(bw_metrics_parse_proc_stat("garbage", 100, 4096, 0, &ps), -1);
+    assert_int_equal(bw_metrics_parse_proc_stat("1 (x) S 1 2 3", 100, 4096, 0, &ps), -1);
+    assert_int_equal(bw_metrics_parse_proc_stat(NULL, 100, 4096, 0, &ps), -1);
+
+    const char *limits =
+        "Limit                     Soft Limit           Hard Limit           Units\n"
+        "Max processes             63431                63431                processes\n"
+        "Max open files            1024                 524288               files\n";
+    assert_int_equal(bw_metrics_parse_max_fds(limits), 1024);
+    assert_int_equal(
+        bw_metrics_parse_max_fds("Max open files            unlimited  unlimited  files\n"), 0);
+    assert_int_equal(bw_metrics_parse_max_fds("nothing"), 0);
+    assert_true(bw_metrics_parse_boot_time("cpu  1 2 3\nintr 5\nbtime 1764800000\nprocesses 9\n") ==
+                1764800000.0);
+    assert_true(bw_metrics_parse_boot_time("cpu 1\n") == 0.0);
+}
+
+static double family_value(const char *text, const char *name)
+{
+    char needle[128];
+    snprintf(needle, sizeof needle, "\n%s ", name);
+    const char *p = strstr(text, needle);
+    return p ? strtod(p + strlen(needle), NULL) : -1;
+}
+
+/* Sums over the master and a worker: a child that holds 64 more descriptors shows in
+ * process_open_fds; one that is gone is left out. */
+static void test_process_set_sums_workers(void **state)
+{
+    (void)state;
+    int pipefd[2];
+    assert_int_equal(pipe(pipefd), 0);
+    pid_t child = fork();
+    assert_true(child >= 0);
+    if (child == 0) {
+        close(pipefd[0]);
+        for (int i = 0; i < 64; i++)
+            if (dup(pipefd[1]) < 0)
+                _exit(1);
+        char c = 'x';
+        if (write(pipefd[1], &c, 1) != 1)
+            _exit(1);
+        pause();
+        _exit(0);
+    }
+    close(pipefd[1]);
+    char c;
+    assert_int_equal(read(pipefd[0], &c, 1), 1);
+
+    struct evbuffer *alone = evbuffer_new(), *both = evbuffer_new();
+    bw_metrics_render_process(getpid(), NULL, 0, alone);
+    bw_metrics_render_process(getpid(), &child, 1, both);
+    evbuffer_add(alone, "", 1);
+    evbuffer_add(both, "", 1);
+    const char *a = (const char *)evbuffer_pullup(alone, -1);
+    const char *b = (const char *)evbuffer_pullup(both, -1);
+    assert_non_null(strstr(a, "# TYPE process_cpu_seconds_total counter\n"));
+    assert_non_null(strstr(a, "# TYPE process_start_time_seconds gauge\n"));
+    assert_true(family_value(b, "process_open_fds") >= family_value(a, "process_open_fds") + 64);
+    assert_true(family_value(b, "process_resident_memory_bytes") >
+                family_value(a, "process_resident_memory_bytes"));
+    assert_true(family_value(a, "process_max_fds") > 0);
+    /* The master's start time, not the worker's, and in the recent past. */
+    assert_true(family_value(a, "process_start_time_seconds") ==
+                family_value(b, "process_start_time_seconds"));
+    assert_true(family_value(a, "process_start_time_seconds") > 1.6e9);
+
+    kill(child, SIGKILL);
+    waitpid(child, NULL, 0);
+    struct evbuffer *gone = evbuffer_new();
+    bw_metrics_render_process(getpid(), &child, 1, gone);
+    evbuffer_add(gone, "", 1);
+    const char *g = (const char *)evbuffer_pullup(gone, -1);
+    assert_true(family_value(g, "process_open_fds") < family_value(b, "process_open_fds") - 32);
+    evbuffer_free(alone);
+    evbuffer_free(both);
+    evbuffer_free(gone);
+    close(pipefd[0]);
+}
+
 int main(void)
 {
 #define T(fn) cmocka_unit_test_setup_teardown(fn, setup, teardown)
@@ -363,6 +462,8 @@ int main(void)
         T(test_redis_family),
         T(test_series_survive_reload),
         T(test_promtool_accepts),
+        cmocka_unit_test(test_proc_stat_parsing),
+        cmocka_unit_test(test_process_set_sums_workers),
     };
 #undef T
     return cmocka_run_group_tests(tests, NULL, NULL);
