@@ -615,6 +615,103 @@ static void test_release_buffers_saves_memory(void **state)
     bw_tls_ctx_free(cctx);
 }
 
+/* SAN matching: exact names case-insensitively, "*." wildcards over exactly one label. */
+static void test_name_match(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *pattern, *host;
+        bool match;
+    } cases[] = {
+        {"example.com", "example.com", true},
+        {"example.com", "EXAMPLE.com", true},
+        {"example.com", "example.com.", true},
+        {"example.com", "www.example.com", false},
+        {"example.com", "example.co", false},
+        {"example.com", "", false},
+        {"*.example.com", "www.example.com", true},
+        {"*.example.com", "WWW.Example.COM", true},
+        {"*.example.com", "a.b.example.com", false},
+        {"*.example.com", "example.com", false},
+        {"*.example.com", ".example.com", false},
+        {"*.example.com", "wwwexample.com", false},
+        {"*.example.com", "www.example.com.", true},
+        {"*.example.com", "www.example.org", false},
+        {"w*.example.com", "www.example.com", false},
+        {"*", "localhost", false},
+        {"*.", "a.", false},
+        {"localhost", "localhost", true},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        if (bw_tls_name_match(cases[i].pattern, cases[i].host) != cases[i].match)
+            fail_msg("%s vs %s: expected %d", cases[i].pattern, cases[i].host, cases[i].match);
+    }
+    assert_false(bw_tls_name_match(NULL, "a"));
+    assert_false(bw_tls_name_match("a", NULL));
+}
+
+/* The ratchet with an injected clock: keys change once per period, the two previous ones stay
+ * findable, older ones are gone, and however a process's calls fall in time it derives the same
+ * keys as every other process starting from the same state. */
+static void test_ticket_ring_window(void **state)
+{
+    (void)state;
+    unsigned char seed[32];
+    bw_tls_ticket_ring a, b, c;
+    unsigned char names[6][16];
+    for (size_t i = 0; i < sizeof(seed); i++)
+        seed[i] = (unsigned char)(i * 7 + 1);
+    const int64_t origin = 50000, period = 1000;
+
+    bw_tls_ticket_init(&a, period, origin, seed);
+    b = a; /* what a forked worker inherits */
+    assert_int_equal(a.n_keys, 1);
+    assert_int_equal(bw_tls_ticket_find(&a, a.keys[0].name), 0);
+    memcpy(names[0], a.keys[0].name, 16);
+
+    /* Before the origin and within the first period nothing moves. */
+    bw_tls_ticket_advance(&a, origin - 5000);
+    bw_tls_ticket_advance(&a, origin + period - 1);
+    assert_int_equal(a.epoch, 0);
+    assert_memory_equal(a.keys[0].name, names[0], 16);
+
+    for (int e = 1; e <= 5; e++) {
+        bw_tls_ticket_advance(&a, origin + e * period + (e % 2 ? 0 : period / 2));
+        assert_int_equal(a.epoch, (uint64_t)e);
+        memcpy(names[e], a.keys[0].name, 16);
+        assert_memory_not_equal(names[e], names[e - 1], 16);
+        assert_int_equal(a.n_keys, e + 1 < BW_TLS_TICKET_KEYS ? e + 1 : BW_TLS_TICKET_KEYS);
+        /* current, previous, the one before: accepted; anything older: refused. */
+        for (int k = 0; k <= e; k++) {
+            int want = e - k < BW_TLS_TICKET_KEYS ? e - k : -1;
+            assert_int_equal(bw_tls_ticket_find(&a, names[k]), want);
+        }
+    }
+    /* Going back in time does not resurrect anything. */
+    bw_tls_ticket_advance(&a, origin);
+    assert_int_equal(a.epoch, 5);
+
+    /* A process that was idle the whole time jumps straight to the same keys. */
+    bw_tls_ticket_advance(&b, origin + 5 * period + 10);
+    assert_int_equal(b.epoch, 5);
+    assert_memory_equal(b.keys, a.keys, sizeof(a.keys));
+    assert_memory_equal(b.state, a.state, sizeof(a.state));
+
+    /* Another seed gives unrelated keys. */
+    seed[0] ^= 1;
+    bw_tls_ticket_init(&c, period, origin, seed);
+    bw_tls_ticket_advance(&c, origin + 5 * period);
+    assert_memory_not_equal(c.keys[0].name, a.keys[0].name, 16);
+    assert_memory_not_equal(c.keys[0].aes, a.keys[0].aes, 32);
+    assert_int_equal(bw_tls_ticket_find(&c, a.keys[0].name), -1);
+
+    /* A long pause (a thousand periods) is bounded work and leaves three keys. */
+    bw_tls_ticket_advance(&a, origin + 1005 * period);
+    assert_int_equal(a.epoch, 1005);
+    assert_int_equal(a.n_keys, BW_TLS_TICKET_KEYS);
+    assert_int_equal(bw_tls_ticket_find(&a, names[5]), -1);
+}
+
 int main(void)
 {
     /* Must come before the first OpenSSL allocation to take effect. */
@@ -622,6 +719,8 @@ int main(void)
 
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_keys_generate),
+        cmocka_unit_test(test_name_match),
+        cmocka_unit_test(test_ticket_ring_window),
         cmocka_unit_test(test_library_version),
         cmocka_unit_test(test_good_context_policy),
         cmocka_unit_test(test_mismatched_key),
