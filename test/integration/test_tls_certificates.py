@@ -362,3 +362,47 @@ def test_check_mode_reports_broken_certificate_of_the_list(bw_bin, upstream, ca,
     assert p.returncode != 0, out
     assert ("%s: listeners[1].tls.certificates[1].cert: cannot load certificate chain from %s: "
             % (path, broken["cert"])) in out, out
+
+
+def test_random_sni_names_keep_worker_memory_flat(breakwater_factory, upstream, ca):
+    """Thousands of handshakes with random, long SNI names (some under a wildcard), half of them
+    resuming while the ticket keys rotate every second: the worker's memory stays flat."""
+    import random
+    import socket
+    import ssl
+
+    env = {}
+    if harness.SANITIZED:
+        env["ASAN_OPTIONS"] = ":".join(o for o in (os.environ.get("ASAN_OPTIONS", ""),
+                                                   "quarantine_size_mb=0",
+                                                   "thread_local_quarantine_size_kb=0") if o)
+    certs = [ca.issue("d", "default-cert", ["localhost"], kind="ec"),
+             ca.issue("w", "wild-cert", ["*.wild.test"], kind="ec"),
+             ca.issue("r", "rsa-cert", ["*.wild.test"], kind="rsa")]
+    bw = breakwater_factory(cert_config(upstream, certs, ticket_rotate_ms=1000), env=env)
+    port = bw.listener_port(1)
+    worker = bw.wait_workers(1)[0]
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    rng = random.Random(13)
+
+    def handshakes(n):
+        session = None
+        for i in range(n):
+            labels = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789-")
+                              for _ in range(rng.randint(1, 63))) for _ in range(3)]
+            name = ".".join(labels) + (".wild.test" if i % 3 == 0 else ".test")
+            with socket.create_connection(("127.0.0.1", port), timeout=10 * SLOW) as raw:
+                with ctx.wrap_socket(raw, server_hostname=name, session=session) as tls:
+                    assert tls.version() == "TLSv1.2"
+                    session = tls.session if i % 2 == 0 else None
+
+    handshakes(300)
+    base = bw.proc_status(worker, "VmRSS")
+    handshakes(int(2000 / SLOW))
+    grown = bw.proc_status(worker, "VmRSS") - base
+    assert grown < 2048, "worker VmRSS grew by %d kB over the handshakes" % grown
+    assert served_cn(port, ca.cert, servername="x.wild.test") in ("wild-cert", "rsa-cert")
+    assert bw.sanitizer_report() is None
