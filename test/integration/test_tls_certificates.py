@@ -48,7 +48,7 @@ class CA:
             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
         open(os.path.join(self.dir, "index.txt"), "w").close()
 
-    def issue(self, name, cn, sans, kind="rsa"):
+    def issue(self, name, cn, sans, kind="rsa", past=False):
         """Issues a certificate; returns dict(cert=fullchain path, key=path, leaf=path, serial)."""
         self.serial += 1
         base = os.path.join(self.dir, name)
@@ -61,8 +61,9 @@ class CA:
         with open(base + ".ext", "w") as f:
             f.write("subjectAltName=" + ",".join("DNS:" + s for s in sans) + "\n")
         run("x509", "-req", "-in", base + ".csr", "-CA", self.cert, "-CAkey", self.key,
-            "-set_serial", str(self.serial), "-days", "2", "-extfile", base + ".ext",
-            "-out", base + ".leaf")
+            "-set_serial", str(self.serial), "-days", "1" if past else "2",
+            "-extfile", base + ".ext", "-out", base + ".leaf",
+            prefix=(FAKETIME, "-f", "-3d") if past else ())
         with open(base + ".crt", "w") as out:
             out.write(open(base + ".leaf").read() + open(self.cert).read())
         with open(os.path.join(self.dir, "index.txt"), "a") as idx:
@@ -406,3 +407,26 @@ def test_random_sni_names_keep_worker_memory_flat(breakwater_factory, upstream, 
     assert grown < 2048, "worker VmRSS grew by %d kB over the handshakes" % grown
     assert served_cn(port, ca.cert, servername="x.wild.test") in ("wild-cert", "rsa-cert")
     assert bw.sanitizer_report() is None
+
+
+@pytest.mark.skipif(FAKETIME is None, reason="needs faketime to make an expired certificate")
+def test_expired_certificate_is_served_with_a_warning(breakwater_factory, bw_bin, upstream, ca,
+                                                      tmp_path):
+    fresh = ca.issue("fresh", "fresh", ["localhost"])
+    old = ca.issue("old", "expired-cert", ["old.test"], past=True)
+    cfg = cert_config(upstream, [fresh, old])
+    path = tmp_path / "check.json"
+    path.write_text(json.dumps(cfg))
+    p = subprocess.run([bw_bin, "-t", "-c", str(path)], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, timeout=30 * SLOW)
+    out = p.stdout.decode("utf-8", "replace")
+    assert p.returncode == 0, out
+    assert "warning: %s: listeners[1].tls.certificates[1].cert: %s expired on " % (
+        path, old["cert"]) in out, out
+
+    bw = breakwater_factory(cfg)
+    bw.wait_log(r"certificates\[1\]\.cert: .*old\.crt expired on \d{4}-\d\d-\d\d")
+    # Served all the same (the client's verification is what fails).
+    rc, out = s_client(bw.listener_port(1), ca.cert, servername="old.test")
+    assert "CN = expired-cert" in out and "certificate has expired" in out, out[-3000:]
+    assert served_cn(bw.listener_port(1), ca.cert, servername="localhost") == "fresh"
