@@ -639,18 +639,26 @@ static const char *ocsp_check(tls_cert *c, const unsigned char *der, size_t len,
     for (int i = 0; i < sk_X509_num(c->chain) && issuer == NULL; i++)
         if (X509_check_issued(sk_X509_value(c->chain, i), c->x509) == X509_V_OK)
             issuer = sk_X509_value(c->chain, i);
-    if (issuer != NULL) {
-        id = OCSP_cert_to_id(NULL, c->x509, issuer);
-        if (id != NULL)
-            idx = OCSP_resp_find(bs, id, -1);
-    } else {
-        for (int i = 0; i < OCSP_resp_count(bs) && idx < 0; i++) {
-            ASN1_INTEGER *serial = NULL;
-            const OCSP_CERTID *cid = OCSP_SINGLERESP_get0_id(OCSP_resp_get0(bs, i));
-            if (OCSP_id_get0_info(NULL, NULL, NULL, &serial, (OCSP_CERTID *)cid) == 1 &&
-                ASN1_INTEGER_cmp(serial, X509_get0_serialNumber(c->x509)) == 0)
+    /* Each entry names its certificate by a hash of the issuer under an algorithm of the
+     * responder's choosing (SHA-1 usually, SHA-256 sometimes) and the serial number. */
+    for (int i = 0; i < OCSP_resp_count(bs) && idx < 0; i++) {
+        ASN1_INTEGER *serial = NULL;
+        ASN1_OBJECT *alg = NULL;
+        OCSP_CERTID *cid = (OCSP_CERTID *)OCSP_SINGLERESP_get0_id(OCSP_resp_get0(bs, i));
+        if (OCSP_id_get0_info(NULL, &alg, NULL, &serial, cid) != 1)
+            continue;
+        if (issuer == NULL) {
+            if (ASN1_INTEGER_cmp(serial, X509_get0_serialNumber(c->x509)) == 0)
                 idx = i;
+            continue;
         }
+        const EVP_MD *md = EVP_get_digestbyobj(alg);
+        if (md == NULL)
+            continue;
+        OCSP_CERTID_free(id);
+        id = OCSP_cert_to_id(md, c->x509, issuer);
+        if (id != NULL && OCSP_id_cmp(id, cid) == 0)
+            idx = i;
     }
     if (idx < 0) {
         snprintf(why, whylen, "it is for another certificate (no entry for this certificate's %s)",
@@ -726,18 +734,19 @@ static int cert_load(tls_cert *c, const bw_tls_cert_conf *cc, const char *file, 
                     where, drain_openssl_errors(why, sizeof(why)));
         goto fail;
     }
-    c->x509 = SSL_CTX_get0_certificate(tmp);
-    c->pkey = SSL_CTX_get0_privatekey(tmp);
-    if (c->x509 == NULL || c->pkey == NULL || X509_up_ref(c->x509) != 1) {
-        c->x509 = NULL;
+    /* Owned references only: the scratch context is freed below. */
+    X509 *leaf = SSL_CTX_get0_certificate(tmp);
+    EVP_PKEY *pkey = SSL_CTX_get0_privatekey(tmp);
+    if (leaf == NULL || pkey == NULL || X509_up_ref(leaf) != 1) {
         bw_diag_add(diag, "%s: %s: cannot keep the loaded certificate", file, where);
         goto fail;
     }
-    if (EVP_PKEY_up_ref(c->pkey) != 1) {
-        c->pkey = NULL;
+    c->x509 = leaf;
+    if (EVP_PKEY_up_ref(pkey) != 1) {
         bw_diag_add(diag, "%s: %s: cannot keep the loaded key", file, where);
         goto fail;
     }
+    c->pkey = pkey;
     SSL_CTX_get0_chain_certs(tmp, &chain);
     c->chain = chain ? X509_chain_up_ref(chain) : sk_X509_new_null();
     if (c->chain == NULL || collect_names(c) < 0) {

@@ -73,10 +73,12 @@ class CA:
         return {"cert": base + ".crt", "key": key, "leaf": base + ".leaf", "serial": self.serial,
                 "cn": cn}
 
-    def ocsp(self, issued, out, past=False):
+    def ocsp(self, issued, out, past=False, digest=None):
         """A real OCSP response (DER) for an issued certificate, signed by the CA."""
         req = out + ".req"
-        run("ocsp", "-issuer", self.cert, "-cert", issued["leaf"], "-reqout", req, "-no_nonce")
+        # A digest option applies to the -cert options after it.
+        run("ocsp", "-issuer", self.cert, *(["-" + digest] if digest else []),
+            "-cert", issued["leaf"], "-reqout", req, "-no_nonce")
         prefix = (FAKETIME, "-f", "-3d") if past else ()
         run("ocsp", "-index", os.path.join(self.dir, "index.txt"), "-rsigner", self.cert,
             "-rkey", self.key, "-CA", self.cert, "-reqin", req, "-respout", out, "-ndays", "1",
@@ -267,6 +269,10 @@ def test_ocsp_stapling(breakwater_factory, upstream, ca, tmp_path):
         old = ca.issue("old", "old", ["old.test"])
         old["ocsp"] = ca.ocsp(old, str(tmp_path / "old.der"), past=True)
         certs.append(old)
+    # The responder identifies the certificate with SHA-256 instead of SHA-1.
+    sha = ca.issue("sha", "sha", ["sha.test"])
+    sha["ocsp"] = ca.ocsp(sha, str(tmp_path / "sha.der"), digest="sha256")
+    certs.append(sha)
     bw = breakwater_factory(cert_config(upstream, certs))
     port = bw.listener_port(1)
 
@@ -276,6 +282,8 @@ def test_ocsp_stapling(breakwater_factory, upstream, ca, tmp_path):
     assert ocsp_status(port, ca.cert, "wrong.test")[0] is None
     assert ocsp_status(port, ca.cert, "junk.test")[0] is None
     assert ocsp_status(port, ca.cert, "plain.test")[0] is None
+    status, out = ocsp_status(port, ca.cert, "sha.test")
+    assert status == "good" and "Hash Algorithm: sha256" in out, out[-3000:]
     bw.wait_log(r"certificates\[1\]\.ocsp: not stapling .*for-another\.der: it is for another "
                 r"certificate")
     bw.wait_log(r"certificates\[2\]\.ocsp: not stapling .*junk\.der: not a DER OCSP response")
