@@ -4,8 +4,10 @@ key rotation, end to end with openssl s_client against real processes.
 A throwaway CA made for each test issues RSA and ECDSA certificates with chosen SAN names, so
 that SNI selection (exact names, one-label wildcards, the default for unknown names and for
 clients that send none), RSA/ECDSA selection by what the client supports, and OCSP responses
-made with `openssl ocsp` against the CA can all be checked with real clients. Renewal on disk is
-awaited through what s_client sees, never by sleeping.
+made with `openssl ocsp` against the CA can all be checked with real clients. Also: renewal on
+disk and on SIGHUP, broken renewals kept out, expired certificates served with a warning,
+session-ticket key rotation across workers and reloads, and flat worker memory under random SNI
+names. Renewal on disk is awaited through what s_client sees, never by sleeping.
 """
 
 import json
@@ -438,3 +440,22 @@ def test_expired_certificate_is_served_with_a_warning(breakwater_factory, bw_bin
     rc, out = s_client(bw.listener_port(1), ca.cert, servername="old.test")
     assert "CN = expired-cert" in out and "certificate has expired" in out, out[-3000:]
     assert served_cn(bw.listener_port(1), ca.cert, servername="localhost") == "fresh"
+
+
+def test_default_rsa_and_ecdsa_pair_without_sni(breakwater_factory, upstream, ca):
+    """The default certificate's ECDSA (or RSA) partner for the same name is offered too, so a
+    client without SNI also gets the key type it supports."""
+    rsa = ca.issue("def-rsa", "default-rsa", ["localhost"], kind="rsa")
+    other = ca.issue("other", "other", ["other.test"], kind="ec")
+    ec = ca.issue("def-ec", "default-ec", ["localhost"], kind="ec")
+    bw = breakwater_factory(cert_config(upstream, [rsa, other, ec]))
+    port = bw.listener_port(1)
+    for servername in (None, "unknown.test"):
+        assert served_cn(port, ca.cert, "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256",
+                         servername=servername) == "default-ec"
+        assert served_cn(port, ca.cert, "-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256",
+                         servername=servername) == "default-rsa"
+        assert served_cn(port, ca.cert, "-tls1_3", "-sigalgs", "rsa_pss_rsae_sha256",
+                         servername=servername) == "default-rsa"
+    assert served_cn(port, ca.cert, "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256",
+                     servername="other.test") == "other"
