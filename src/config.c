@@ -1381,11 +1381,42 @@ static void check_tls_file(vctx *c, const char *path, const char *file)
     fclose(f);
 }
 
+/* One element of "certificates" (or the "cert"/"key" pair itself when obj is the tls object). */
+static void parse_tls_cert(vctx *c, const cJSON *obj, const char *p, bw_tls_cert_conf *out)
+{
+    char ap[PATH_LEN];
+    const char *cert = get_string(c, obj, p, "cert", true);
+    const char *key = get_string(c, obj, p, "key", true);
+    const char *ocsp = get_string(c, obj, p, "ocsp", false);
+    if (cert != NULL) {
+        out->cert = resolve_path(c, cert);
+        path_key(ap, sizeof ap, p, "cert");
+        if (out->cert != NULL)
+            check_tls_file(c, ap, out->cert);
+    }
+    if (key != NULL) {
+        out->key = resolve_path(c, key);
+        path_key(ap, sizeof ap, p, "key");
+        if (out->key != NULL)
+            check_tls_file(c, ap, out->key);
+    }
+    if (ocsp != NULL) {
+        out->ocsp = resolve_path(c, ocsp);
+        path_key(ap, sizeof ap, p, "ocsp");
+        if (out->ocsp != NULL)
+            check_tls_file(c, ap, out->ocsp);
+    }
+}
+
 static void parse_listener(vctx *c, const cJSON *item, const char *p, bw_listener_conf *l)
 {
     static const char *const fields[] = {"address", "tls", NULL};
-    static const char *const tls_fields[] = {"cert", "key", NULL};
-    char ap[PATH_LEN], tp[PATH_LEN], why[256];
+    static const char *const tls_fields[] = {"cert",           "key",
+                                             "ocsp",           "certificates",
+                                             "reload_check_ms", "ticket_rotate_ms",
+                                             NULL};
+    static const char *const cert_fields[] = {"cert", "key", "ocsp", NULL};
+    char ap[PATH_LEN], tp[PATH_LEN], why[256], got[96];
 
     check_fields(c, item, p, fields);
     const char *addr = get_string(c, item, p, "address", true);
@@ -1402,20 +1433,60 @@ static void parse_listener(vctx *c, const cJSON *item, const char *p, bw_listene
     path_key(tp, sizeof tp, p, "tls");
     check_fields(c, tls, tp, tls_fields);
     l->tls_enabled = true;
-    const char *cert = get_string(c, tls, tp, "cert", true);
-    const char *key = get_string(c, tls, tp, "key", true);
-    if (cert != NULL) {
-        l->tls.cert = resolve_path(c, cert);
-        path_key(ap, sizeof ap, tp, "cert");
-        if (l->tls.cert != NULL)
-            check_tls_file(c, ap, l->tls.cert);
+    l->tls.reload_check_ms = 60000;
+    l->tls.ticket_rotate_ms = 3600000;
+    (void)get_u32(c, tls, tp, "reload_check_ms", 100, MAX_MS, &l->tls.reload_check_ms);
+    (void)get_u32(c, tls, tp, "ticket_rotate_ms", 1000, MAX_MS, &l->tls.ticket_rotate_ms);
+
+    const cJSON *list = field(tls, "certificates");
+    if (list == NULL) {
+        l->tls.certs = vcalloc(c, 1, sizeof *l->tls.certs);
+        if (l->tls.certs == NULL)
+            return;
+        l->tls.n_certs = 1;
+        parse_tls_cert(c, tls, tp, &l->tls.certs[0]);
+    } else {
+        path_key(ap, sizeof ap, tp, "certificates");
+        l->tls.list = true;
+        if (field(tls, "cert") != NULL || field(tls, "key") != NULL || field(tls, "ocsp") != NULL) {
+            verr(c, ap,
+                 "\"certificates\" and \"cert\"/\"key\"/\"ocsp\" are mutually exclusive: "
+                 "move the single certificate into the list");
+            return;
+        }
+        if (!cJSON_IsArray(list)) {
+            verr(c, ap,
+                 "must be an array of {\"cert\": PATH, \"key\": PATH} objects, got %s",
+                 describe(list, got, sizeof got));
+            return;
+        }
+        size_t n = (size_t)cJSON_GetArraySize(list);
+        if (n == 0) {
+            verr(c, ap, "must contain at least one certificate (the first is the default)");
+            return;
+        }
+        l->tls.certs = vcalloc(c, n, sizeof *l->tls.certs);
+        if (l->tls.certs == NULL)
+            return;
+        l->tls.n_certs = n;
+        size_t i = 0;
+        const cJSON *el;
+        cJSON_ArrayForEach(el, list)
+        {
+            char ep[PATH_LEN];
+            path_idx(ep, sizeof ep, ap, i);
+            if (!cJSON_IsObject(el))
+                verr(c, ep, "must be an object like {\"cert\": PATH, \"key\": PATH}, got %s",
+                     describe(el, got, sizeof got));
+            else {
+                check_fields(c, el, ep, cert_fields);
+                parse_tls_cert(c, el, ep, &l->tls.certs[i]);
+            }
+            i++;
+        }
     }
-    if (key != NULL) {
-        l->tls.key = resolve_path(c, key);
-        path_key(ap, sizeof ap, tp, "key");
-        if (l->tls.key != NULL)
-            check_tls_file(c, ap, l->tls.key);
-    }
+    l->tls.cert = l->tls.certs[0].cert;
+    l->tls.key = l->tls.certs[0].key;
 }
 
 /* A required, non-empty array (object == false) or object field of parent. Returns it with its
@@ -2433,8 +2504,12 @@ void bw_config_free(bw_config *cfg)
     free(cfg->notes_warn);
     for (size_t i = 0; i < cfg->n_listeners; i++) {
         free(cfg->listeners[i].address);
-        free(cfg->listeners[i].tls.cert);
-        free(cfg->listeners[i].tls.key);
+        for (size_t k = 0; k < cfg->listeners[i].tls.n_certs; k++) {
+            free(cfg->listeners[i].tls.certs[k].cert);
+            free(cfg->listeners[i].tls.certs[k].key);
+            free(cfg->listeners[i].tls.certs[k].ocsp);
+        }
+        free(cfg->listeners[i].tls.certs);
     }
     free(cfg->listeners);
     free(cfg->admin.address);

@@ -45,14 +45,18 @@ static void print_versions(void)
 static void check_tls(const bw_config *cfg, bw_diag *diag)
 {
     bw_tls_keys keys;
+    bw_diag warn;
     memset(&keys, 0, sizeof(keys));
+    bw_diag_init(&warn);
     for (size_t i = 0; i < cfg->n_listeners; i++) {
         if (!cfg->listeners[i].tls_enabled)
             continue;
-        SSL_CTX *ctx = bw_tls_ctx_new(&cfg->listeners[i], i, cfg->path, &keys, diag);
-        if (ctx)
-            SSL_CTX_free(ctx);
+        bw_tls_ctx_free(bw_tls_ctx_new(&cfg->listeners[i], i, cfg->path, &keys, diag, &warn));
     }
+    for (size_t i = 0; i < warn.count; i++)
+        fprintf(stderr, "warning: %s\n", warn.lines[i]);
+    bw_diag_free(&warn);
+    bw_tls_keys_free(&keys);
 }
 
 int main(int argc, char **argv)

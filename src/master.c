@@ -58,6 +58,7 @@ typedef struct bw_generation {
     uint32_t n_workers;
     uint32_t alive;
     bool retiring;
+    uint64_t tls_files; /* bw_tls_files_stamp() taken before the certificates were read */
     struct bw_generation *next;
 } bw_generation;
 
@@ -90,6 +91,8 @@ typedef struct bw_master {
     struct event *ev_sig, *respawn_timer, *kill_timer;
     bw_notify notify;          /* sd_notify to the service manager; off without NOTIFY_SOCKET */
     struct event *ready_timer; /* polls until the current generation accepts, then READY=1 */
+    struct event *tls_timer;   /* certificate files on disk, ticket key ratchet */
+    uint64_t tls_seen;         /* files stamp last loaded or last tried */
 } bw_master;
 
 static int64_t mono_ms(void)
@@ -183,8 +186,7 @@ static void generation_free(bw_generation *g)
         return;
     if (g->tls) {
         for (size_t i = 0; i < g->cfg->n_listeners; i++)
-            if (g->tls[i])
-                SSL_CTX_free(g->tls[i]);
+            bw_tls_ctx_free(g->tls[i]);
         free(g->tls);
     }
     free(g->fds);
@@ -220,6 +222,9 @@ static bw_generation *generation_new(bw_master *m, bw_config *cfg, bw_diag *diag
     for (size_t i = 0; i < m->n_socks; i++)
         m->socks[i].in_use = false;
     bool ok = true;
+    bw_diag warn;
+    bw_diag_init(&warn);
+    g->tls_files = bw_tls_files_stamp(cfg);
     for (size_t i = 0; i < cfg->n_listeners; i++) {
         char err[160];
         g->fds[i] = lsock_get(m, &cfg->listeners[i].addr, err, sizeof(err));
@@ -229,11 +234,14 @@ static bw_generation *generation_new(bw_master *m, bw_config *cfg, bw_diag *diag
             ok = false;
         }
         if (cfg->listeners[i].tls_enabled) {
-            g->tls[i] = bw_tls_ctx_new(&cfg->listeners[i], i, cfg->path, &m->keys, diag);
+            g->tls[i] = bw_tls_ctx_new(&cfg->listeners[i], i, cfg->path, &m->keys, diag, &warn);
             if (!g->tls[i])
                 ok = false;
         }
     }
+    for (size_t i = 0; i < warn.count; i++)
+        bw_log_warn(&m->log, "%s", warn.lines[i]);
+    bw_diag_free(&warn);
     char err[200];
     if (ok && bw_shm_bind(&m->shm, cfg, (uint64_t)m->next_gen_id + 1, bw_probes_wall_ms(), err,
                           sizeof(err)) < 0) {
@@ -597,9 +605,11 @@ static void log_overrides(bw_master *m, const bw_config *cfg)
         bw_log_msg(&m->log, cfg->notes_warn[i] ? BW_LOG_WARN : BW_LOG_INFO, "%s", cfg->notes[i]);
 }
 
-static void reload(bw_master *m)
+static void tls_timer_arm(bw_master *m);
+
+static void reload(bw_master *m, const char *why)
 {
-    bw_log_info(&m->log, "SIGHUP: reloading %s", m->config_path);
+    bw_log_info(&m->log, "%s: reloading %s", why, m->config_path);
     if (m->notify.fd >= 0) {
         struct timespec ts;
         char msg[512], status[400];
@@ -655,12 +665,49 @@ static void reload(bw_master *m)
         }
     }
     m->reloads_ok++;
+    m->tls_seen = g->tls_files;
+    tls_timer_arm(m);
     /* The log destinations may have changed too. */
     bw_log_level lvl = g->cfg->log.level;
     m->log.level = lvl;
     bw_log_info(&m->log, "configuration reloaded (generation %d, %u workers)", g->id,
                 g->n_workers);
     await_ready(m);
+}
+
+/*
+ * Certificate renewal without a signal: every reload_check_ms the master compares the identity of
+ * the certificate, key and OCSP files with what it last loaded and, when one changed, reloads
+ * exactly as on SIGHUP. A broken new file fails that reload (the running workers keep the old
+ * certificate, the reason is logged) and is not tried again until a file changes once more.
+ * The same timer steps the master's ticket key ratchet, so forgotten keys leave its memory too.
+ */
+static void tls_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    bw_master *m = arg;
+    bw_tls_keys_advance(&m->keys, mono_ms());
+    if (!m->stopping && m->current) {
+        uint64_t now = bw_tls_files_stamp(m->current->cfg);
+        if (now != m->tls_seen) {
+            m->tls_seen = now;
+            reload(m, "certificate files changed on disk");
+        }
+    }
+    tls_timer_arm(m);
+}
+
+static void tls_timer_arm(bw_master *m)
+{
+    uint32_t ms = m->current ? bw_tls_reload_check_ms(m->current->cfg) : 0;
+    if (!m->tls_timer)
+        return;
+    evtimer_del(m->tls_timer);
+    if (ms == 0 || m->stopping)
+        return;
+    struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
+    evtimer_add(m->tls_timer, &tv);
 }
 
 static void start_stop(bw_master *m, const char *why)
@@ -694,7 +741,7 @@ static void handle_signal(bw_master *m, int sig)
         break;
     case SIGHUP:
         if (!m->stopping)
-            reload(m);
+            reload(m, "SIGHUP");
         break;
     case SIGUSR1:
         bw_log_reopen(&m->log);
@@ -793,11 +840,14 @@ int bw_master_run(const char *config_path, bw_config *cfg)
     m.respawn_timer = evtimer_new(m.base, respawn_cb, &m);
     m.kill_timer = evtimer_new(m.base, kill_cb, &m);
     m.ready_timer = evtimer_new(m.base, ready_check_cb, &m);
-    if (!m.ev_sig || !m.respawn_timer || !m.kill_timer || !m.ready_timer) {
+    m.tls_timer = evtimer_new(m.base, tls_timer_cb, &m);
+    if (!m.ev_sig || !m.respawn_timer || !m.kill_timer || !m.ready_timer || !m.tls_timer) {
         bw_log_error(&m.log, "cannot set up signal handling");
         goto out;
     }
     event_add(m.ev_sig, NULL);
+    m.tls_seen = m.current->tls_files;
+    tls_timer_arm(&m);
 
     spawn_missing(&m);
     await_ready(&m);
@@ -819,7 +869,7 @@ out:
         m.retired = g->next;
         generation_free(g);
     }
-    struct event *evs[] = {m.ev_sig, m.respawn_timer, m.kill_timer, m.ready_timer};
+    struct event *evs[] = {m.ev_sig, m.respawn_timer, m.kill_timer, m.ready_timer, m.tls_timer};
     for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
         if (evs[i])
             event_free(evs[i]);
@@ -830,6 +880,7 @@ out:
     if (m.shm.hdr)
         bw_shm_destroy(&m.shm);
     bw_notify_close(&m.notify);
+    bw_tls_keys_free(&m.keys);
     bw_log_close(&m.log);
     return rc;
 }

@@ -43,9 +43,21 @@ int bw_sockaddr_parse(const char *text, bw_sockaddr *out, char *err, size_t errl
 /* Writes "ip:port" / "[ip]:port" into buf; returns buf. */
 const char *bw_sockaddr_format(const bw_sockaddr *a, char *buf, size_t len);
 
-typedef struct bw_tls_conf {
+/* One certificate of a TLS listener: chain, key and an optional DER OCSP response to staple. */
+typedef struct bw_tls_cert_conf {
     char *cert; /* PEM chain path, resolved relative to the config file's directory */
     char *key;  /* PEM key path, same */
+    char *ocsp; /* DER OCSP response path, same; NULL when not stapling */
+} bw_tls_cert_conf;
+
+typedef struct bw_tls_conf {
+    char *cert; /* alias of certs[0].cert (not owned), the default certificate */
+    char *key;  /* alias of certs[0].key (not owned) */
+    bw_tls_cert_conf *certs; /* owned; one element for the "cert"/"key" form */
+    size_t n_certs;
+    bool list;                 /* written as "certificates": error paths name the element */
+    uint32_t reload_check_ms;  /* how often the master looks for changed files; default 60000 */
+    uint32_t ticket_rotate_ms; /* session-ticket key lifetime; default 3600000 */
 } bw_tls_conf;
 
 typedef struct bw_listener_conf {

@@ -879,6 +879,104 @@ static void test_tls_paths_relative_to_config(void **state)
     free(real);
 }
 
+/* "certificates": a list of {cert, key, ocsp}, exclusive with the single cert/key form, plus
+ * the reload and rotation periods; every problem is placed at FILE:LINE:COL. */
+static void test_tls_certificates_list(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/bw_config_certs_XXXXXX";
+    char a[128], b[128], o[128], text[2048];
+    assert_non_null(mkdtemp(dir));
+    snprintf(a, sizeof a, "%s/a.pem", dir);
+    snprintf(b, sizeof b, "%s/b.pem", dir);
+    snprintf(o, sizeof o, "%s/a.ocsp", dir);
+    write_file(a, "x\n");
+    write_file(b, "x\n");
+    write_file(o, "x\n");
+
+    snprintf(text, sizeof text,
+             "{\"listeners\": [{\"address\": \"127.0.0.1:8443\", \"tls\": {\"certificates\": ["
+             "{\"cert\": \"%s\", \"key\": \"%s\", \"ocsp\": \"%s\"},"
+             "{\"cert\": \"%s\", \"key\": \"%s\"}],"
+             "\"reload_check_ms\": 500, \"ticket_rotate_ms\": 60000}}]," UPS "," ROUTES "}",
+             a, a, o, b, b);
+    bw_config *cfg = parse_ok(text);
+    const bw_tls_conf *t = &cfg->listeners[0].tls;
+    assert_true(t->list);
+    assert_int_equal(t->n_certs, 2);
+    assert_string_equal(t->certs[0].ocsp, o);
+    assert_null(t->certs[1].ocsp);
+    assert_string_equal(t->certs[1].cert, b);
+    assert_ptr_equal(t->cert, t->certs[0].cert); /* the first is the default */
+    assert_int_equal(t->reload_check_ms, 500);
+    assert_int_equal(t->ticket_rotate_ms, 60000);
+    bw_config_free(cfg);
+
+    /* The single form: one certificate, default periods. */
+    snprintf(text, sizeof text,
+             "{\"listeners\": [{\"address\": \"127.0.0.1:8443\", \"tls\": {\"cert\": \"%s\", "
+             "\"key\": \"%s\", \"ocsp\": \"%s\"}}]," UPS "," ROUTES "}",
+             a, a, o);
+    cfg = parse_ok(text);
+    t = &cfg->listeners[0].tls;
+    assert_false(t->list);
+    assert_int_equal(t->n_certs, 1);
+    assert_string_equal(t->certs[0].ocsp, o);
+    assert_int_equal(t->reload_check_ms, 60000);
+    assert_int_equal(t->ticket_rotate_ms, 3600000);
+    bw_config_free(cfg);
+
+    /* Both forms at once. */
+    snprintf(text, sizeof text,
+             "{\"listeners\": [{\"address\": \"127.0.0.1:8443\",\n \"tls\": {\"cert\": \"%s\", "
+             "\"key\": \"%s\",\n  \"certificates\": [{\"cert\": \"%s\", \"key\": \"%s\"}]}}],"
+             UPS "," ROUTES "}",
+             a, a, b, b);
+    expect_error(text, "test.json:3:19: listeners[0].tls.certificates: \"certificates\" and "
+                       "\"cert\"/\"key\"/\"ocsp\" are mutually exclusive");
+
+    /* Empty, wrong type, bad element, unknown field, missing key, unreadable file. */
+    expect_error("{\"listeners\": [{\"address\": \"127.0.0.1:8443\", \"tls\": {\"certificates\": "
+                 "[]}}]," UPS "," ROUTES "}",
+                 "test.json:1:70: listeners[0].tls.certificates: must contain at least one "
+                 "certificate");
+    expect_error("{\"listeners\": [{\"address\": \"127.0.0.1:8443\", \"tls\": {\"certificates\": "
+                 "{}}}]," UPS "," ROUTES "}",
+                 "listeners[0].tls.certificates: must be an array");
+    expect_error("{\"listeners\": [{\"address\": \"127.0.0.1:8443\", \"tls\": {\"certificates\": "
+                 "[7]}}]," UPS "," ROUTES "}",
+                 "listeners[0].tls.certificates[0]: must be an object");
+    snprintf(text, sizeof text,
+             "{\"listeners\": [{\"address\": \"127.0.0.1:8443\", \"tls\": {\"certificates\": ["
+             "{\"cert\": \"%s\", \"key\": \"%s\"}, {\"cert\": \"%s\", \"kee\": \"%s\"}]}}],"
+             UPS "," ROUTES "}",
+             a, a, b, b);
+    expect_errors(text, 2,
+                  (const char *[]){"listeners[0].tls.certificates[1].kee: unknown field \"kee\"",
+                                   "listeners[0].tls.certificates[1].key: required field is "
+                                   "missing"});
+    snprintf(text, sizeof text,
+             "{\"listeners\": [{\"address\": \"127.0.0.1:8443\", \"tls\": {\"certificates\": ["
+             "{\"cert\": \"%s\", \"key\": \"%s\", \"ocsp\": \"%s/none.der\"}]}}]," UPS
+             "," ROUTES "}",
+             a, a, dir);
+    expect_error(text, "listeners[0].tls.certificates[0].ocsp: cannot read");
+    snprintf(text, sizeof text,
+             "{\"listeners\": [{\"address\": \"127.0.0.1:8443\", \"tls\": {\"cert\": \"%s\", "
+             "\"key\": \"%s\", \"reload_check_ms\": 10, \"ticket_rotate_ms\": 999}}]," UPS
+             "," ROUTES "}",
+             a, a);
+    expect_errors(text, 2,
+                  (const char *[]){"listeners[0].tls.reload_check_ms: must be an integer between "
+                                   "100 and 86400000, got 10",
+                                   "listeners[0].tls.ticket_rotate_ms: must be an integer "
+                                   "between 1000 and 86400000, got 999"});
+    unlink(a);
+    unlink(b);
+    unlink(o);
+    rmdir(dir);
+}
+
 static void test_tls_requires_cert_and_key(void **state)
 {
     (void)state;
@@ -1400,6 +1498,7 @@ int main(void)
         cmocka_unit_test_setup(test_redis_rules, reset_env),
         cmocka_unit_test_setup(test_log_and_limits_rules, reset_env),
         cmocka_unit_test_setup(test_tls_paths_relative_to_config, reset_env),
+        cmocka_unit_test_setup(test_tls_certificates_list, reset_env),
         cmocka_unit_test_setup(test_tls_requires_cert_and_key, reset_env),
         cmocka_unit_test_setup(test_load_missing_file, reset_env),
         cmocka_unit_test_setup(test_env_breaker_overrides, reset_env),

@@ -159,12 +159,12 @@ static bw_listener_conf listener(const char *address, const char *cert, const ch
     return l;
 }
 
-static SSL_CTX *good_ctx(const bw_tls_keys *keys)
+static SSL_CTX *good_ctx(bw_tls_keys *keys)
 {
     bw_listener_conf l = listener("127.0.0.1:8443", cert_path, key_path);
     bw_diag d;
     bw_diag_init(&d);
-    SSL_CTX *ctx = bw_tls_ctx_new(&l, 0, "breakwater.json", keys, &d);
+    SSL_CTX *ctx = bw_tls_ctx_new(&l, 0, "breakwater.json", keys, &d, NULL);
     assert_non_null(ctx);
     assert_int_equal(d.count, 0);
     bw_diag_free(&d);
@@ -260,13 +260,38 @@ static bool error_queue_has_reason(int reason)
 static void test_keys_generate(void **state)
 {
     (void)state;
-    bw_tls_keys a, b, zero;
-    memset(&zero, 0, sizeof(zero));
+    bw_tls_keys a, b;
     assert_int_equal(bw_tls_keys_generate(&a), 0);
     assert_int_equal(bw_tls_keys_generate(&b), 0);
-    assert_int_equal(sizeof(a.bytes), 80);
-    assert_memory_not_equal(a.bytes, b.bytes, sizeof(a.bytes));
-    assert_memory_not_equal(a.bytes, zero.bytes, sizeof(a.bytes));
+    assert_null(a.rings);
+    /* Two contexts with the same period share one ring; each key set starts from its own
+     * randomness. */
+    bw_listener_conf l = listener("127.0.0.1:8443", cert_path, key_path);
+    l.tls.ticket_rotate_ms = 5000;
+    bw_diag d;
+    bw_diag_init(&d);
+    SSL_CTX *x = bw_tls_ctx_new(&l, 0, "breakwater.json", &a, &d, NULL);
+    SSL_CTX *y = bw_tls_ctx_new(&l, 0, "breakwater.json", &a, &d, NULL);
+    SSL_CTX *z = bw_tls_ctx_new(&l, 0, "breakwater.json", &b, &d, NULL);
+    assert_int_equal(d.count, 0);
+    assert_non_null(a.rings);
+    assert_null(a.rings->next);
+    assert_int_equal(a.rings->period_ms, 5000);
+    assert_memory_not_equal(a.rings->keys[0].aes, b.rings->keys[0].aes, 32);
+    assert_memory_not_equal(a.rings->keys[0].name, b.rings->keys[0].name, 16);
+    /* Sessions live two periods. */
+    assert_int_equal(SSL_CTX_get_timeout(x), 10);
+    l.tls.ticket_rotate_ms = 7000;
+    SSL_CTX *w = bw_tls_ctx_new(&l, 0, "breakwater.json", &a, &d, NULL);
+    assert_non_null(a.rings->next);
+    bw_diag_free(&d);
+    bw_tls_ctx_free(x);
+    bw_tls_ctx_free(y);
+    bw_tls_ctx_free(z);
+    bw_tls_ctx_free(w);
+    bw_tls_keys_free(&a);
+    bw_tls_keys_free(&b);
+    assert_null(a.rings);
 }
 
 static void test_library_version(void **state)
@@ -294,9 +319,8 @@ static void test_good_context_policy(void **state)
     assert_true(SSL_CTX_get_mode(ctx) & SSL_MODE_RELEASE_BUFFERS);
     assert_true(SSL_CTX_get_session_cache_mode(ctx) & SSL_SESS_CACHE_SERVER);
 
-    unsigned char got[80];
-    assert_int_equal(SSL_CTX_get_tlsext_ticket_keys(ctx, got, sizeof(got)), 1);
-    assert_memory_equal(got, keys.bytes, sizeof(got));
+    /* Default rotation: one hour, so sessions live two hours. */
+    assert_int_equal(SSL_CTX_get_timeout(ctx), 7200);
 
     /* Only the intermediate AEAD suites with forward secrecy. */
     STACK_OF(SSL_CIPHER) *ciphers = SSL_CTX_get_ciphers(ctx);
@@ -308,7 +332,8 @@ static void test_good_context_policy(void **state)
         assert_null(strstr(name, "CBC"));
     }
     assert_int_equal(ERR_peek_error(), 0);
-    SSL_CTX_free(ctx);
+    bw_tls_ctx_free(ctx);
+    bw_tls_keys_free(&keys);
 }
 
 static void test_mismatched_key(void **state)
@@ -317,7 +342,7 @@ static void test_mismatched_key(void **state)
     bw_listener_conf l = listener("127.0.0.1:8443", cert_path, other_key_path);
     bw_diag d;
     bw_diag_init(&d);
-    assert_null(bw_tls_ctx_new(&l, 1, "breakwater.json", NULL, &d));
+    assert_null(bw_tls_ctx_new(&l, 1, "breakwater.json", NULL, &d, NULL));
     assert_int_equal(d.count, 1);
     print_message("diag: %s\n", d.lines[0]);
     const char *want = "breakwater.json: listeners[1].tls: certificate and private key do not "
@@ -338,7 +363,7 @@ static void test_missing_and_invalid_files(void **state)
 
     bw_listener_conf l = listener("127.0.0.1:8443", missing, key_path);
     bw_diag_init(&d);
-    assert_null(bw_tls_ctx_new(&l, 2, "breakwater.json", NULL, &d));
+    assert_null(bw_tls_ctx_new(&l, 2, "breakwater.json", NULL, &d, NULL));
     assert_int_equal(d.count, 1);
     print_message("diag: %s\n", d.lines[0]);
     snprintf(
@@ -351,7 +376,7 @@ static void test_missing_and_invalid_files(void **state)
 
     l = listener("127.0.0.1:8443", garbage_path, key_path);
     bw_diag_init(&d);
-    assert_null(bw_tls_ctx_new(&l, 0, "breakwater.json", NULL, &d));
+    assert_null(bw_tls_ctx_new(&l, 0, "breakwater.json", NULL, &d, NULL));
     assert_int_equal(d.count, 1);
     print_message("diag: %s\n", d.lines[0]);
     snprintf(want, sizeof(want),
@@ -363,7 +388,7 @@ static void test_missing_and_invalid_files(void **state)
     /* A certificate where the key should be. */
     l = listener("127.0.0.1:8443", cert_path, cert_path);
     bw_diag_init(&d);
-    assert_null(bw_tls_ctx_new(&l, 0, "breakwater.json", NULL, &d));
+    assert_null(bw_tls_ctx_new(&l, 0, "breakwater.json", NULL, &d, NULL));
     assert_int_equal(d.count, 1);
     print_message("diag: %s\n", d.lines[0]);
     snprintf(want, sizeof(want),
@@ -386,7 +411,7 @@ static void test_missing_and_invalid_files(void **state)
     EVP_PKEY_free(k);
     l = listener("127.0.0.1:8443", cert_path, enc_path);
     bw_diag_init(&d);
-    assert_null(bw_tls_ctx_new(&l, 0, "breakwater.json", NULL, &d));
+    assert_null(bw_tls_ctx_new(&l, 0, "breakwater.json", NULL, &d, NULL));
     assert_int_equal(d.count, 1);
     print_message("diag: %s\n", d.lines[0]);
     snprintf(want, sizeof(want),
@@ -398,7 +423,7 @@ static void test_missing_and_invalid_files(void **state)
     /* A listener without TLS settings is refused, not crashed on. */
     l = listener("127.0.0.1:8443", NULL, NULL);
     bw_diag_init(&d);
-    assert_null(bw_tls_ctx_new(&l, 3, "breakwater.json", NULL, &d));
+    assert_null(bw_tls_ctx_new(&l, 3, "breakwater.json", NULL, &d, NULL));
     assert_int_equal(d.count, 1);
     bw_diag_free(&d);
 }
@@ -421,7 +446,7 @@ static void alpn_case(SSL_CTX *sctx, const unsigned char *offer, unsigned int of
         assert_memory_equal(sel, expect, sel_len);
     }
     pair_free(&p);
-    SSL_CTX_free(cctx);
+    bw_tls_ctx_free(cctx);
 }
 
 static void test_alpn(void **state)
@@ -439,7 +464,7 @@ static void test_alpn(void **state)
     alpn_case(sctx, h2_only, sizeof(h2_only) - 1, NULL);
     alpn_case(sctx, h10, sizeof(h10) - 1, NULL);
     alpn_case(sctx, NULL, 0, NULL);
-    SSL_CTX_free(sctx);
+    bw_tls_ctx_free(sctx);
 }
 
 /* Full handshake against a, then a resumption attempt against b; returns whether it resumed. */
@@ -461,7 +486,7 @@ static bool resumes_across(SSL_CTX *a, SSL_CTX *b, int version)
     bool reused = SSL_session_reused(second.client) && SSL_session_reused(second.server);
     pair_free(&second);
     SSL_SESSION_free(sess);
-    SSL_CTX_free(cctx);
+    bw_tls_ctx_free(cctx);
     return reused;
 }
 
@@ -489,15 +514,17 @@ static void test_tickets_shared_between_contexts(void **state)
     bw_listener_conf l = listener("127.0.0.1:9443", cert_path, key_path);
     bw_diag d;
     bw_diag_init(&d);
-    SSL_CTX *other_listener = bw_tls_ctx_new(&l, 1, "breakwater.json", &keys, &d);
+    SSL_CTX *other_listener = bw_tls_ctx_new(&l, 1, "breakwater.json", &keys, &d, NULL);
     assert_non_null(other_listener);
     assert_false(resumes_across(a, other_listener, TLS1_3_VERSION));
     bw_diag_free(&d);
 
-    SSL_CTX_free(other_listener);
-    SSL_CTX_free(a);
-    SSL_CTX_free(b);
-    SSL_CTX_free(c);
+    bw_tls_ctx_free(other_listener);
+    bw_tls_ctx_free(a);
+    bw_tls_ctx_free(b);
+    bw_tls_ctx_free(c);
+    bw_tls_keys_free(&keys);
+    bw_tls_keys_free(&other_keys);
     ERR_clear_error();
 }
 
@@ -514,7 +541,7 @@ static void test_old_versions_refused(void **state)
         /* The server refused it; the client did offer. */
         assert_true(error_queue_has_reason(SSL_R_UNSUPPORTED_PROTOCOL));
         pair_free(&p);
-        SSL_CTX_free(cctx);
+        bw_tls_ctx_free(cctx);
     }
 
     /* TLS 1.2 without forward secrecy or AEAD: no shared cipher. */
@@ -524,7 +551,7 @@ static void test_old_versions_refused(void **state)
     assert_int_equal(handshake(&p), -1);
     assert_true(error_queue_has_reason(SSL_R_NO_SHARED_CIPHER));
     pair_free(&p);
-    SSL_CTX_free(cctx);
+    bw_tls_ctx_free(cctx);
 
     /* TLS 1.2 works, and the client's order decides (no server preference). */
     cctx = client_ctx(TLS1_2_VERSION, TLS1_2_VERSION);
@@ -535,8 +562,8 @@ static void test_old_versions_refused(void **state)
     assert_int_equal(handshake(&p), 0);
     assert_string_equal(SSL_get_cipher_name(p.server), "ECDHE-ECDSA-CHACHA20-POLY1305");
     pair_free(&p);
-    SSL_CTX_free(cctx);
-    SSL_CTX_free(sctx);
+    bw_tls_ctx_free(cctx);
+    bw_tls_ctx_free(sctx);
 }
 
 /* Live OpenSSL bytes held by n established, idle connections using sctx. */
@@ -583,9 +610,106 @@ static void test_release_buffers_saves_memory(void **state)
     /* At least the server's read and write buffers (about 16 KiB each) are given back. */
     assert_true((without_release - with_release) / N > 16 * 1024);
 
-    SSL_CTX_free(released);
-    SSL_CTX_free(kept);
-    SSL_CTX_free(cctx);
+    bw_tls_ctx_free(released);
+    bw_tls_ctx_free(kept);
+    bw_tls_ctx_free(cctx);
+}
+
+/* SAN matching: exact names case-insensitively, "*." wildcards over exactly one label. */
+static void test_name_match(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *pattern, *host;
+        bool match;
+    } cases[] = {
+        {"example.com", "example.com", true},
+        {"example.com", "EXAMPLE.com", true},
+        {"example.com", "example.com.", true},
+        {"example.com", "www.example.com", false},
+        {"example.com", "example.co", false},
+        {"example.com", "", false},
+        {"*.example.com", "www.example.com", true},
+        {"*.example.com", "WWW.Example.COM", true},
+        {"*.example.com", "a.b.example.com", false},
+        {"*.example.com", "example.com", false},
+        {"*.example.com", ".example.com", false},
+        {"*.example.com", "wwwexample.com", false},
+        {"*.example.com", "www.example.com.", true},
+        {"*.example.com", "www.example.org", false},
+        {"w*.example.com", "www.example.com", false},
+        {"*", "localhost", false},
+        {"*.", "a.", false},
+        {"localhost", "localhost", true},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        if (bw_tls_name_match(cases[i].pattern, cases[i].host) != cases[i].match)
+            fail_msg("%s vs %s: expected %d", cases[i].pattern, cases[i].host, cases[i].match);
+    }
+    assert_false(bw_tls_name_match(NULL, "a"));
+    assert_false(bw_tls_name_match("a", NULL));
+}
+
+/* The ratchet with an injected clock: keys change once per period, the two previous ones stay
+ * findable, older ones are gone, and however a process's calls fall in time it derives the same
+ * keys as every other process starting from the same state. */
+static void test_ticket_ring_window(void **state)
+{
+    (void)state;
+    unsigned char seed[32];
+    bw_tls_ticket_ring a, b, c;
+    unsigned char names[6][16];
+    for (size_t i = 0; i < sizeof(seed); i++)
+        seed[i] = (unsigned char)(i * 7 + 1);
+    const int64_t origin = 50000, period = 1000;
+
+    bw_tls_ticket_init(&a, period, origin, seed);
+    b = a; /* what a forked worker inherits */
+    assert_int_equal(a.n_keys, 1);
+    assert_int_equal(bw_tls_ticket_find(&a, a.keys[0].name), 0);
+    memcpy(names[0], a.keys[0].name, 16);
+
+    /* Before the origin and within the first period nothing moves. */
+    bw_tls_ticket_advance(&a, origin - 5000);
+    bw_tls_ticket_advance(&a, origin + period - 1);
+    assert_int_equal(a.epoch, 0);
+    assert_memory_equal(a.keys[0].name, names[0], 16);
+
+    for (int e = 1; e <= 5; e++) {
+        bw_tls_ticket_advance(&a, origin + e * period + (e % 2 ? 0 : period / 2));
+        assert_int_equal(a.epoch, (uint64_t)e);
+        memcpy(names[e], a.keys[0].name, 16);
+        assert_memory_not_equal(names[e], names[e - 1], 16);
+        assert_int_equal(a.n_keys, e + 1 < BW_TLS_TICKET_KEYS ? e + 1 : BW_TLS_TICKET_KEYS);
+        /* current, previous, the one before: accepted; anything older: refused. */
+        for (int k = 0; k <= e; k++) {
+            int want = e - k < BW_TLS_TICKET_KEYS ? e - k : -1;
+            assert_int_equal(bw_tls_ticket_find(&a, names[k]), want);
+        }
+    }
+    /* Going back in time does not resurrect anything. */
+    bw_tls_ticket_advance(&a, origin);
+    assert_int_equal(a.epoch, 5);
+
+    /* A process that was idle the whole time jumps straight to the same keys. */
+    bw_tls_ticket_advance(&b, origin + 5 * period + 10);
+    assert_int_equal(b.epoch, 5);
+    assert_memory_equal(b.keys, a.keys, sizeof(a.keys));
+    assert_memory_equal(b.state, a.state, sizeof(a.state));
+
+    /* Another seed gives unrelated keys. */
+    seed[0] ^= 1;
+    bw_tls_ticket_init(&c, period, origin, seed);
+    bw_tls_ticket_advance(&c, origin + 5 * period);
+    assert_memory_not_equal(c.keys[0].name, a.keys[0].name, 16);
+    assert_memory_not_equal(c.keys[0].aes, a.keys[0].aes, 32);
+    assert_int_equal(bw_tls_ticket_find(&c, a.keys[0].name), -1);
+
+    /* A long pause (a thousand periods) is bounded work and leaves three keys. */
+    bw_tls_ticket_advance(&a, origin + 1005 * period);
+    assert_int_equal(a.epoch, 1005);
+    assert_int_equal(a.n_keys, BW_TLS_TICKET_KEYS);
+    assert_int_equal(bw_tls_ticket_find(&a, names[5]), -1);
 }
 
 int main(void)
@@ -595,6 +719,8 @@ int main(void)
 
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_keys_generate),
+        cmocka_unit_test(test_name_match),
+        cmocka_unit_test(test_ticket_ring_window),
         cmocka_unit_test(test_library_version),
         cmocka_unit_test(test_good_context_policy),
         cmocka_unit_test(test_mismatched_key),
