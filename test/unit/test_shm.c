@@ -341,8 +341,7 @@ static void test_topkeys_and_forced_follow_names(void **state)
     bw_config *again = bw_test_parse_config(BASE);
     assert_int_equal(bw_shm_bind(&shm, again, 2, NOW + 1000, err, sizeof err), 0);
     bw_topkeys_entry e[2];
-    assert_int_equal(bw_topkeys_top(bw_shm_topkeys(&shm, again->rate_limits[0].shm_slot), e, 2),
-                     1);
+    assert_int_equal(bw_topkeys_top(bw_shm_topkeys(&shm, again->rate_limits[0].shm_slot), e, 2), 1);
     assert_string_equal(e[0].text, "198.51.100.1");
     assert_true(bw_breaker_is_forced(bw_shm_breaker(&shm, again->upstreams[0].shm_slot)));
     bw_shm_destroy(&shm);
