@@ -463,3 +463,15 @@ def test_keepalive_connection_idle_past_the_deadline_is_closed(upstream, breakwa
 def test_version_lists_libevhtp(bw_bin):
     out = subprocess.run([str(bw_bin), "-V"], capture_output=True, text=True, check=True).stdout
     assert re.search(r"^libevhtp 1\.2\.\d+$", out, re.M), out
+
+
+def test_pipelined_requests_are_answered_in_order(upstream, breakwater_factory):
+    bw = breakwater_factory(harness.base_config([upstream]))
+    with Client(bw.admin_port) as c:
+        c.send(build_request("GET", "/healthz", host="localhost")
+               + build_request("GET", "/nope", host="localhost")
+               + build_request("GET", "/readyz", host="localhost")
+               + build_request("GET", "/healthz", [("Connection", "close")], host="localhost"))
+        statuses = [c.read_response().status for _ in range(4)]
+        assert statuses == [200, 404, 200, 200], statuses
+        assert c.wait_closed(timeout=5 * SLOW)
