@@ -8,6 +8,8 @@
  *     408 and is closed (libevhtp has only idle timeouts, which a slow drip keeps resetting);
  *   - header count and size limits (limits.max_headers, limits.max_header_bytes), checked per
  *     header as libevhtp parses them, since it has none;
+ *   - the head gate: libevhtp only ever parses complete heads (it misreads one split across two
+ *     reads), and the input it may see is bounded;
  *   - a connection cap (admin.max_connections): at the cap the listener is disabled, so further
  *     connections wait in the kernel's accept queue instead of being accepted and dropped;
  *   - one request at a time: once a request is complete the connection is paused (nothing more
@@ -95,6 +97,10 @@ struct admin_conn {
     const char *ctype;
     bool www_auth;
     bool served; /* a response was sent: the connection is a kept-alive one */
+    /* libevhtp's own bufferevent callbacks, called through the head gate (head_gate_read). */
+    bufferevent_data_cb lib_read, lib_write;
+    bufferevent_event_cb lib_event;
+    void *lib_arg;
     char peer[64];
     admin_conn *next, *prev;
 };
@@ -167,6 +173,44 @@ static void deadline_cb(evutil_socket_t fd, short what, void *arg)
     if (!c->served)
         raw_refusal(c, 408, "request header timeout");
     evhtp_connection_free(c->conn); /* runs conn_fini, which frees c */
+}
+
+/*
+ * The head gate. libevhtp 1.2.18 misreads a request line or header that is split across two
+ * reads (upstream issue #128: a path cut in two routes as its first half). Its read callback is
+ * therefore only called once the input holds a complete head (a blank line), or more bytes than
+ * a head may have (then refused with 431 here). The input is bounded by a read high-water mark,
+ * so bytes that arrive meanwhile wait in the kernel.
+ */
+static void head_gate_read(struct bufferevent *bev, void *arg)
+{
+    admin_conn *c = arg;
+    struct evbuffer *in = bufferevent_get_input(bev);
+    size_t len = evbuffer_get_length(in);
+    size_t max = c->a->cfg ? c->a->cfg->limits.max_header_bytes : 32768;
+    bool complete = evbuffer_search(in, "\n\r\n", 3, NULL).pos >= 0 ||
+                    evbuffer_search(in, "\n\n", 2, NULL).pos >= 0;
+    if (!complete && len > max) {
+        raw_refusal(c, 431, "request header fields too large");
+        evhtp_connection_free(c->conn); /* runs conn_fini, which frees c */
+        return;
+    }
+    if (complete)
+        c->lib_read(bev, c->lib_arg);
+}
+
+static void head_gate_write(struct bufferevent *bev, void *arg)
+{
+    admin_conn *c = arg;
+    if (c->lib_write)
+        c->lib_write(bev, c->lib_arg);
+}
+
+static void head_gate_event(struct bufferevent *bev, short what, void *arg)
+{
+    admin_conn *c = arg;
+    if (c->lib_event)
+        c->lib_event(bev, what, c->lib_arg);
 }
 
 static evhtp_res conn_fini(evhtp_connection_t *conn, void *arg)
@@ -729,6 +773,14 @@ static evhtp_res post_accept(evhtp_connection_t *conn, void *arg)
         a->conns->prev = c;
     a->conns = c;
     a->n_conns++;
+    if (conn->bev) {
+        bufferevent_getcb(conn->bev, &c->lib_read, &c->lib_write, &c->lib_event, &c->lib_arg);
+        if (c->lib_read) {
+            size_t max = a->cfg ? a->cfg->limits.max_header_bytes : 32768;
+            bufferevent_setwatermark(conn->bev, EV_READ, 0, max + 1024);
+            bufferevent_setcb(conn->bev, head_gate_read, head_gate_write, head_gate_event, c);
+        }
+    }
     evhtp_connection_set_hook(conn, evhtp_hook_on_connection_fini, (evhtp_hook)conn_fini, c);
     evhtp_connection_set_hook(conn, evhtp_hook_on_header, (evhtp_hook)on_header, c);
     evhtp_connection_set_hook(conn, evhtp_hook_on_headers, (evhtp_hook)on_headers, c);

@@ -1855,8 +1855,8 @@ static void parse_cidr_list(vctx *c, const cJSON *arr, const char *path, bw_cidr
 
 static void parse_rate_limit(vctx *c, const cJSON *o, const char *pp, bw_ratelimit_conf *rl)
 {
-    static const char *const fields[] = {"key",         "capacity", "refill_per_sec", "dry_run",
-                                         "ipv6_prefix", "exempt",   NULL};
+    static const char *const fields[] = {
+        "key", "capacity", "refill_per_sec", "dry_run", "ipv6_prefix", "exempt", NULL};
     char kp[PATH_LEN];
 
     rl->key_kind = BW_RL_KEY_CLIENT_IP;

@@ -920,8 +920,8 @@ static void breaker_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
 
 /* Writes an operator's force-open as the whole record (an operator's action is the newest
  * state by definition, so it is not conditional). */
-static void send_force(bw_redis_sync *r, const bw_upstream_conf *u, uint32_t slot,
-                       const char *key, uint64_t nm, uint64_t nw)
+static void send_force(bw_redis_sync *r, const bw_upstream_conf *u, uint32_t slot, const char *key,
+                       uint64_t nm, uint64_t nw)
 {
     br_rec *rec = &r->br[slot];
     bw_breaker_view v;
@@ -930,10 +930,9 @@ static void send_force(bw_redis_sync *r, const bw_upstream_conf *u, uint32_t slo
     snprintf(opened, sizeof(opened), "%" PRIu64, to_wall(v.opened_at_ms, nm, nw));
     snprintf(at, sizeof(at), "%" PRIu64, nw);
     snprintf(forced, sizeof(forced), "%" PRIu64, to_wall(v.forced_at_ms, nm, nw));
-    const char *a[] = {"HSET",       key,   "state",         "open",    "failures",
-                       "0",          "opened_at_ms",         opened,    "updated_by",
-                       r->id,        "updated_at_ms",        at,        "forced_at_ms",
-                       forced};
+    const char *a[] = {"HSET",         key,    "state",      "open", "failures",      "0",
+                       "opened_at_ms", opened, "updated_by", r->id,  "updated_at_ms", at,
+                       "forced_at_ms", forced};
     if (!send_words(r, CMD_OPERATOR, slot, 14, a))
         return;
     rec->pending_force = false;

@@ -108,7 +108,7 @@ typedef struct bw_shm_header {
     uint32_t n_upstream_slots, n_route_slots, n_policy_slots, n_listener_slots, n_worker_slots;
     uint32_t rl_entries;
     uint64_t off_upstreams, off_routes, off_policies, off_listeners, off_workers, off_ratelimit;
-    uint64_t off_topkeys; /* one bw_topkeys per policy slot */
+    uint64_t off_topkeys;      /* one bw_topkeys per policy slot */
     uint64_t worker_slot_size; /* bytes per worker slot including its variable part */
     bw_ratelimit_seed rl_seed;
     bw_shm_status status;

@@ -336,6 +336,8 @@ def test_dripping_client_is_cut_at_the_header_deadline(upstream, breakwater_fact
                 got += chunk
             except socket.timeout:
                 pass
+            except ConnectionResetError:
+                break  # a byte sent after the server closed: the 408 was read before
             if time.monotonic() - start > 10 * SLOW:
                 break
     finally:
@@ -463,3 +465,54 @@ def test_keepalive_connection_idle_past_the_deadline_is_closed(upstream, breakwa
 def test_version_lists_libevhtp(bw_bin):
     out = subprocess.run([str(bw_bin), "-V"], capture_output=True, text=True, check=True).stdout
     assert re.search(r"^libevhtp 1\.2\.\d+$", out, re.M), out
+
+
+def test_pipelined_requests_are_answered_in_order(upstream, breakwater_factory):
+    bw = breakwater_factory(harness.base_config([upstream]))
+    with Client(bw.admin_port) as c:
+        c.send(build_request("GET", "/healthz", host="localhost")
+               + build_request("GET", "/nope", host="localhost")
+               + build_request("GET", "/readyz", host="localhost")
+               + build_request("GET", "/healthz", [("Connection", "close")], host="localhost"))
+        statuses = [c.read_response().status for _ in range(4)]
+        assert statuses == [200, 404, 200, 200], statuses
+        assert c.wait_closed(timeout=5 * SLOW)
+
+
+SPLIT_REQUESTS = [
+    b"GET /ratelimits/p?top=3 HTTP/1.1\r\nHost: localhost\r\nX-Long-Header: abcdefgh\r\n"
+    b"Connection: close\r\n\r\n",
+    b"POST /upstreams/api/open HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n"
+    b"Connection: close\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("raw", SPLIT_REQUESTS, ids=["get", "post"])
+def test_requests_split_at_every_byte(raw, upstream, breakwater_factory):
+    """libevhtp 1.2.18 could read out of bounds when a URI or header is split across two reads
+    (upstream issue #128): every split point, each part read by the server before the next is
+    sent, must give the same answer (and no sanitizer report in the ASan build)."""
+    bw = breakwater_factory(harness.base_config([upstream], rate_limits={"p": {}}))
+    want = None
+    for k in range(1, len(raw)):
+        s = socket.create_connection(("127.0.0.1", bw.admin_port), timeout=10 * SLOW)
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client_port = s.getsockname()[1]
+            s.sendall(raw[:k])
+            harness.wait_until(lambda: harness.server_rx_queue(bw.admin_port, client_port) == 0,
+                               10 * SLOW, interval=0.001, message="the first part read")
+            s.sendall(raw[k:])
+            got = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+        finally:
+            s.close()
+        status = got.split(b"\r\n", 1)[0]
+        if want is None:
+            want = status
+        assert status == want and status.startswith(b"HTTP/1.1 200"), (k, got[:200])
+    assert req(bw, "GET", "/healthz").status == 200

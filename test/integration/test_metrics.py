@@ -57,7 +57,8 @@ def send_spread(bw, n, target="/"):
 
 
 def test_request_count_is_exact_across_workers(upstream, breakwater_factory):
-    cfg = harness.base_config([upstream], workers=2)
+    # Connections are opened and spread before any sends a byte: no header deadline meanwhile.
+    cfg = harness.base_config([upstream], workers=2, limits={"header_timeout_ms": 120000})
     cfg["routes"] = [{"path_prefix": "/other", "upstream": "api"},
                      {"path_prefix": "/", "upstream": "api", "name": "main"}]
     bw = breakwater_factory(cfg)

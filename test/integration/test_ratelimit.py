@@ -53,7 +53,11 @@ def fire_concurrently(conns, headers=None):
 
 def test_one_client_on_both_workers_gets_exactly_capacity(upstream, breakwater_factory):
     C = 10
-    bw = breakwater_factory(rl_config(upstream, {"capacity": C, "refill_per_sec": 0}))
+    cfg = rl_config(upstream, {"capacity": C, "refill_per_sec": 0})
+    # The connections are opened (and spread over the workers) before any sends a byte; on a
+    # loaded machine that can outlast the default 10 s header deadline, which closes them.
+    cfg["limits"] = {"header_timeout_ms": 120000}
+    bw = breakwater_factory(cfg)
     groups = harness.spread_connections(bw, 20)
     conns = harness.interleave(groups)
     try:

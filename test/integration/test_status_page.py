@@ -21,10 +21,12 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
 
 
-def chromium(tmp_path, url, *args, timeout=60):
+def chromium(tmp_path, url, *args, timeout=60, budget_ms=4000):
+    """Runs headless Chromium on url with `budget_ms` of virtual time (timers run that far
+    ahead; network waits do not count), returning its standard output."""
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
            "--user-data-dir=%s" % (tmp_path / "chromium-profile"),
-           "--virtual-time-budget=%d" % int(4000 * SLOW)] + list(args) + [url]
+           "--virtual-time-budget=%d" % int(budget_ms * SLOW)] + list(args) + [url]
     p = subprocess.run(cmd, capture_output=True, timeout=timeout * SLOW)
     assert p.returncode == 0, p.stderr.decode("utf-8", "replace")[-2000:]
     return p.stdout.decode("utf-8", "replace")
@@ -100,6 +102,13 @@ def test_status_page_in_chromium(upstream_factory, breakwater_factory, tmp_path)
     chromium(tmp_path, url, "--window-size=1280,900", "--screenshot=%s" % shot)
     data = shot.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000, len(data)
+
+    # It refreshes itself: over 7 s of (virtual) time it has loaded its data several times, and
+    # the rates need two loads, so they show numbers.
+    dom = chromium(tmp_path, url, "--dump-dom", budget_ms=7000)
+    m = re.search(r'data-refreshes="(\d+)"', dom)
+    assert m and int(m.group(1)) >= 3, m and m.group(0)
+    assert re.search(r'id="rate-requests"><b>\d+\.\d</b>', dom), dom[-3000:]
 
     # The page follows the state: after a reset the next load shows it closed.
     assert post(bw, "/upstreams/api/reset").status == 200

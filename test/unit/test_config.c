@@ -532,8 +532,8 @@ static void test_admin_rules(void **state)
 static void test_admin_max_connections(void **state)
 {
     (void)state;
-    bw_config *cfg = parse_ok("{" LISTEN ", \"admin\": {\"address\": \"127.0.0.1:9901\"}," UPS
-                              "," ROUTES "}");
+    bw_config *cfg =
+        parse_ok("{" LISTEN ", \"admin\": {\"address\": \"127.0.0.1:9901\"}," UPS "," ROUTES "}");
     assert_int_equal(cfg->admin.max_connections, 64);
     bw_config_free(cfg);
     cfg = parse_ok("{" LISTEN ", \"admin\": {\"address\": \"127.0.0.1:9901\", "

@@ -489,6 +489,71 @@ static void test_breakers_across_fleet(void **state)
     server_cleanup(&s);
 }
 
+static bool is_forced(void *arg)
+{
+    return bw_breaker_is_forced(((instance *)arg)->breaker);
+}
+static bool not_forced(void *arg)
+{
+    return !is_forced(arg);
+}
+
+/* Operator maintenance across the fleet: a force-open written by A holds B open (the record's
+ * forced_at_ms), a reset through B lifts it on A, and a record rewritten without the field after
+ * it was seen (deleted and written again in between) lifts it too. */
+static void test_forced_open_across_fleet(void **state)
+{
+    (void)state;
+    static server s;
+    memset(&s, 0, sizeof(s));
+    server_start(&s, false, NULL, NULL);
+    instance a, b;
+    instance_start(&a, tcp_url(&s), "inst-a");
+    instance_start(&b, tcp_url(&s), "inst-b");
+    assert_true(wait_for(is_up, &a, 3000));
+    assert_true(wait_for(is_up, &b, 3000));
+
+    assert_true(bw_breaker_force_open(a.breaker, &a.up->breaker, 0, now_ms(), NULL));
+    assert_int_equal(bw_redis_sync_force_open(a.r, "api"), 0);
+    assert_int_equal(bw_redis_sync_force_open(a.r, "nope"), -1);
+    assert_true(wait_for(is_forced, &b, 3000));
+    assert_int_equal(state_of(&b), BW_BREAKER_OPEN);
+    redisContext *c = sync_client(&s);
+    assert_non_null(c);
+    assert_true(hash_field(c, "bwtest:circuit-breaker:api", "forced_at_ms") > 0);
+    /* Later rounds (state writes, reads) keep it forced everywhere. */
+    run_rounds(&a, 3);
+    run_rounds(&b, 3);
+    assert_true(is_forced(&a) && is_forced(&b));
+
+    assert_int_equal(bw_redis_sync_reset_breaker(b.r, "api"), 0);
+    assert_false(is_forced(&b));
+    assert_true(wait_for(not_forced, &a, 3000));
+    assert_true(wait_for(is_closed, &a, 3000));
+
+    /* Seen forced, then a record without the field: lifted. */
+    assert_true(bw_breaker_force_open(a.breaker, &a.up->breaker, 0, now_ms(), NULL));
+    assert_int_equal(bw_redis_sync_force_open(a.r, "api"), 0);
+    assert_true(wait_for(is_forced, &b, 3000));
+    run_rounds(&a, 2);
+    freeReplyObject(cmd(c, "HDEL bwtest:circuit-breaker:api forced_at_ms"));
+    assert_true(wait_for(not_forced, &a, 3000));
+    assert_true(wait_for(not_forced, &b, 3000));
+
+    /* DELETE /ratelimits/...: the fleet record of the key goes. */
+    freeReplyObject(cmd(c, "HSET bwtest:rate-limit:pc:198.51.100.1 tat 1"));
+    assert_int_equal(bw_redis_sync_delete_ratelimit(a.r, "pc", "198.51.100.1"), 0);
+    run_rounds(&a, 2);
+    redisReply *rep = cmd(c, "EXISTS bwtest:rate-limit:pc:198.51.100.1");
+    assert_int_equal(rep->integer, 0);
+    freeReplyObject(rep);
+
+    redisFree(c);
+    instance_stop(&a);
+    instance_stop(&b);
+    server_cleanup(&s);
+}
+
 static void test_ratelimit_across_fleet(void **state)
 {
     (void)state;
@@ -760,6 +825,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_url_parse, setup, teardown),
         cmocka_unit_test_setup_teardown(test_breakers_across_fleet, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_forced_open_across_fleet, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ratelimit_across_fleet, setup, teardown),
         cmocka_unit_test_setup_teardown(test_flush_idempotent, setup, teardown),
         cmocka_unit_test_setup_teardown(test_stopped_then_resumed_then_restarted, setup, teardown),

@@ -312,6 +312,43 @@ static void test_too_many_names(void **state)
     bw_config_free(c3);
 }
 
+static void keytext(void *arg, char buf[BW_TOPKEYS_TEXT_MAX + 1])
+{
+    snprintf(buf, BW_TOPKEYS_TEXT_MAX + 1, "%s", (const char *)arg);
+}
+
+/* Every policy slot has its own busiest-keys table inside the region; a forced breaker and the
+ * keys of a policy follow their names across a rebind. */
+static void test_topkeys_and_forced_follow_names(void **state)
+{
+    (void)state;
+    bw_config *cfg = bw_test_parse_config(BASE);
+    bw_shm shm = make_region(cfg);
+    const unsigned char *end = (const unsigned char *)shm.base + shm.size;
+    for (uint32_t i = 0; i < shm.hdr->n_policy_slots; i++) {
+        bw_topkeys *t = bw_shm_topkeys(&shm, (int)i);
+        assert_non_null(t);
+        assert_true((const unsigned char *)(t + 1) <= end);
+    }
+    assert_null(bw_shm_topkeys(&shm, -1));
+    assert_null(bw_shm_topkeys(&shm, (int)shm.hdr->n_policy_slots));
+    int pol = cfg->rate_limits[0].shm_slot;
+    bw_topkeys_record(bw_shm_topkeys(&shm, pol), 77, true, 0, 1, keytext, "198.51.100.1");
+    bw_breaker *api = bw_shm_breaker(&shm, cfg->upstreams[0].shm_slot);
+    assert_true(bw_breaker_force_open(api, &cfg->upstreams[0].breaker, 0, NOW, NULL));
+
+    char err[256];
+    bw_config *again = bw_test_parse_config(BASE);
+    assert_int_equal(bw_shm_bind(&shm, again, 2, NOW + 1000, err, sizeof err), 0);
+    bw_topkeys_entry e[2];
+    assert_int_equal(bw_topkeys_top(bw_shm_topkeys(&shm, again->rate_limits[0].shm_slot), e, 2), 1);
+    assert_string_equal(e[0].text, "198.51.100.1");
+    assert_true(bw_breaker_is_forced(bw_shm_breaker(&shm, again->upstreams[0].shm_slot)));
+    bw_shm_destroy(&shm);
+    bw_config_free(cfg);
+    bw_config_free(again);
+}
+
 static void test_stale_slot_kept_until_needed(void **state)
 {
     (void)state;
@@ -590,6 +627,7 @@ int main(void)
         cmocka_unit_test(test_rebind_keeps_state_by_name),
         cmocka_unit_test(test_too_many_names),
         cmocka_unit_test(test_stale_slot_kept_until_needed),
+        cmocka_unit_test(test_topkeys_and_forced_follow_names),
         cmocka_unit_test(test_long_names),
         cmocka_unit_test(test_worker_acquire_release),
         cmocka_unit_test(test_counter_updates),
