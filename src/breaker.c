@@ -44,6 +44,7 @@
 #include <limits.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #if UINT64_MAX == ULONG_MAX
 _Static_assert(ATOMIC_LONG_LOCK_FREE == 2, "64-bit atomics must be lock-free for shared memory");
@@ -611,6 +612,105 @@ void bw_breaker_report(bw_breaker *b, const bw_breaker_conf *c, uint64_t now_ms,
         return;
     }
     report_closed(b, c, now_ms, w, failed, t);
+}
+
+uint64_t bw_breaker_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* The end of w's open period, or 0 when w is not open. */
+static uint64_t open_until(bw_breaker *b, const bw_breaker_conf *c, word w, uint64_t now_ms)
+{
+    if (w.state != BW_BREAKER_OPEN)
+        return 0;
+    return since_of(b, w, now_ms) + wait_for(c, w.level, w.jitter);
+}
+
+/* open -> half_open with no permit taken, once the period is over; shared by tick and checks. */
+static bool open_expire(bw_breaker *b, const bw_breaker_conf *c, uint64_t now_ms, uint64_t *cur,
+                        bw_breaker_transition *t)
+{
+    for (;;) {
+        word w = unpack(*cur);
+        if (w.state != BW_BREAKER_OPEN || now_ms < open_until(b, c, w, now_ms))
+            return false;
+        word n = next_state(w, BW_BREAKER_HALF_OPEN);
+        if (transition(b, cur, n, now_ms, now_ms)) {
+            note(t, w, n, BW_BREAKER_CAUSE_TIMEOUT);
+            if (t != NULL)
+                t->wait_ms = wait_for(c, w.level, w.jitter);
+            return true;
+        }
+    }
+}
+
+bool bw_breaker_tick(bw_breaker *b, const bw_breaker_conf *c, uint64_t now_ms,
+                     bw_breaker_transition *t)
+{
+    clear_transition(t);
+    uint64_t cur = atomic_load(&b->word);
+    return open_expire(b, c, now_ms, &cur, t);
+}
+
+void bw_breaker_release(bw_breaker *b, const bw_breaker_ticket *ticket, uint64_t now_ms)
+{
+    if (!ticket->probe)
+        return;
+    uint64_t cur = atomic_load(&b->word);
+    for (;;) {
+        word w = unpack(cur);
+        if (w.state != BW_BREAKER_HALF_OPEN || w.gen != ticket->generation ||
+            w.round != ticket->round || w.permits == 0)
+            return;
+        word n = w;
+        n.permits--;
+        if (atomic_compare_exchange_strong(&b->word, &cur, pack(n))) {
+            stamp_set(b, &b->lease, n, true, now_ms);
+            return;
+        }
+    }
+}
+
+/*
+ * A passing active check is a probe that needed no permit: it adds one success in half_open
+ * (closing at half_open_success_threshold). The check that finds an open period over moves the
+ * breaker to half_open; it does not also close it, so every close follows a half-open state
+ * that readers and the fleet could see.
+ */
+bool bw_breaker_check_passed(bw_breaker *b, const bw_breaker_conf *c, uint64_t now_ms,
+                             bw_breaker_transition *t)
+{
+    clear_transition(t);
+    unsigned need = clamp_probes(c->half_open_success_threshold);
+    uint64_t cur = atomic_load(&b->word);
+    for (;;) {
+        word w = unpack(cur);
+        if (w.state == BW_BREAKER_OPEN)
+            return open_expire(b, c, now_ms, &cur, t);
+        if (w.state != BW_BREAKER_HALF_OPEN)
+            return false;
+        unsigned successes = w.successes + 1;
+        if (successes >= need) {
+            word n = next_state(w, BW_BREAKER_CLOSED);
+            n.level = 0;
+            n.jitter = 0;
+            if (!transition(b, &cur, n, now_ms, now_ms))
+                continue;
+            note(t, w, n, BW_BREAKER_CAUSE_PROBE_OK);
+            if (t != NULL)
+                t->successes = successes;
+            return true;
+        }
+        word n = w;
+        n.successes = successes;
+        if (atomic_compare_exchange_strong(&b->word, &cur, pack(n))) {
+            stamp_set(b, &b->lease, n, true, now_ms);
+            return false;
+        }
+    }
 }
 
 bool bw_breaker_reset(bw_breaker *b, uint64_t now_ms, bw_breaker_transition *t)

@@ -33,6 +33,8 @@
 #include <event2/event.h>
 
 #include "breakwater/admin.h"
+#include "breakwater/breaker.h"
+#include "breakwater/health.h"
 #include "breakwater/probes.h"
 #include "breakwater/redis_sync.h"
 #include "breakwater/shm.h"
@@ -83,6 +85,7 @@ typedef struct bw_master {
     sigset_t sigs;      /* the signals the master takes through sigfd */
     sigset_t orig_mask; /* the mask workers get back */
     struct event *ev_sig, *respawn_timer, *kill_timer;
+    bw_health *health; /* breaker ticks and active checks */
 } bw_master;
 
 static int64_t mono_ms(void)
@@ -227,7 +230,7 @@ static bw_generation *generation_new(bw_master *m, bw_config *cfg, bw_diag *diag
         }
     }
     char err[200];
-    if (ok && bw_shm_bind(&m->shm, cfg, (uint64_t)m->next_gen_id + 1, bw_probes_wall_ms(), err,
+    if (ok && bw_shm_bind(&m->shm, cfg, (uint64_t)m->next_gen_id + 1, bw_breaker_now_ms(), err,
                           sizeof(err)) < 0) {
         bw_diag_add(diag, "%s: %s", cfg->path, err);
         ok = false;
@@ -532,6 +535,7 @@ static void reload(bw_master *m)
     }
     bw_diag_free(&diag);
     redis_apply(m, g->cfg);
+    bw_health_set_config(m->health, g->cfg);
     bw_generation *old = m->current;
     m->current = g;
     spawn_missing(m);
@@ -672,6 +676,11 @@ int bw_master_run(const char *config_path, bw_config *cfg)
         goto out;
     }
     redis_apply(&m, m.current->cfg);
+    m.health = bw_health_new(m.base, &m.shm, m.current->cfg, &m.log);
+    if (!m.health) {
+        bw_log_error(&m.log, "cannot start the upstream health timer");
+        goto out;
+    }
     m.ev_sig = event_new(m.base, m.sigfd, EV_READ | EV_PERSIST, signalfd_cb, &m);
     m.respawn_timer = evtimer_new(m.base, respawn_cb, &m);
     m.kill_timer = evtimer_new(m.base, kill_cb, &m);
@@ -689,6 +698,7 @@ int bw_master_run(const char *config_path, bw_config *cfg)
     rc = 0;
 
 out:
+    bw_health_free(m.health);
     if (m.redis)
         bw_redis_sync_free(m.redis);
     bw_admin_free(m.admin);

@@ -35,15 +35,27 @@ void bw_probes_iso8601(uint64_t wall_ms, char *buf, size_t len)
              tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (unsigned)(wall_ms % 1000u));
 }
 
-static void snapshot(const bw_shm *shm, const bw_upstream_conf *u, uint64_t now_ms,
+/* Breakers run on the monotonic clock (bw_breaker_now_ms); callers pass wall time for display. */
+static void snapshot(const bw_shm *shm, const bw_upstream_conf *u, uint64_t mono_ms,
                      bw_breaker_view *v)
 {
-    bw_breaker_snapshot(bw_shm_breaker(shm, u->shm_slot), &u->breaker, now_ms, v);
+    bw_breaker_snapshot(bw_shm_breaker(shm, u->shm_slot), &u->breaker, mono_ms, v);
+}
+
+/* A breaker time (monotonic ms) as wall-clock ms, for display; 0 stays 0 ("never"). */
+static uint64_t mono_to_wall(uint64_t t, uint64_t mono_now, uint64_t wall_now)
+{
+    if (t == 0)
+        return 0;
+    uint64_t ago = mono_now > t ? mono_now - t : 0;
+    return wall_now > ago ? wall_now - ago : 0;
 }
 
 int bw_probes_readyz(const bw_shm *shm, const bw_config *cfg, bool draining, uint64_t now_ms,
                      struct evbuffer *out)
 {
+    (void)now_ms; /* the timestamp is read below; the breakers need the monotonic clock */
+    uint64_t mono = bw_breaker_now_ms();
     const bw_shm_status *st = &shm->hdr->status;
     draining = draining || atomic_load_explicit(&st->draining, memory_order_relaxed);
     bool ready = !draining, degraded = false;
@@ -54,7 +66,7 @@ int bw_probes_readyz(const bw_shm *shm, const bw_config *cfg, bool draining, uin
     for (size_t i = 0; i < cfg->n_upstreams; i++) {
         const bw_upstream_conf *u = &cfg->upstreams[i];
         bw_breaker_view v;
-        snapshot(shm, u, now_ms, &v);
+        snapshot(shm, u, mono, &v);
         bool healthy = v.state == BW_BREAKER_CLOSED;
         if (v.state == BW_BREAKER_OPEN && u->critical)
             ready = false;
@@ -104,13 +116,14 @@ int bw_probes_readyz(const bw_shm *shm, const bw_config *cfg, bool draining, uin
 void bw_probes_upstream_json(const bw_shm *shm, const bw_upstream_conf *u, uint64_t now_ms,
                              struct evbuffer *out)
 {
+    uint64_t mono = bw_breaker_now_ms();
     bw_breaker_view v;
-    snapshot(shm, u, now_ms, &v);
+    snapshot(shm, u, mono, &v);
     char since[96], opened[112];
-    bw_probes_iso8601(v.since_ms, since, sizeof(since));
+    bw_probes_iso8601(mono_to_wall(v.since_ms, mono, now_ms), since, sizeof(since));
     if (v.opened_at_ms) {
         char iso[96];
-        bw_probes_iso8601(v.opened_at_ms, iso, sizeof(iso));
+        bw_probes_iso8601(mono_to_wall(v.opened_at_ms, mono, now_ms), iso, sizeof(iso));
         snprintf(opened, sizeof(opened), "\"%s\"", iso);
     } else {
         snprintf(opened, sizeof(opened), "null");

@@ -296,8 +296,9 @@ static void log_transition(bw_worker *w, const bw_upstream_conf *u, const bw_bre
 }
 
 /* The outcome hook: tells the upstream's breaker how the exchange it admitted went. Called
- * once per admitted request; a request the client abandoned before any outcome reports nothing
- * (a probe permit it held is recovered by the breaker's lease). */
+ * once per admitted request (for a half-open probe as soon as the response head is in); a
+ * request the client abandoned before any outcome reports nothing but gives its probe permit
+ * back at once. */
 static void report_outcome(bw_session *s, bw_exchange *ex)
 {
     if (!BW_INSTRUMENTED || !ex->ticketed)
@@ -313,10 +314,11 @@ static void report_outcome(bw_session *s, bw_exchange *ex)
         if (outcome == BW_BREAKER_FAILURE)
             bw_metrics_upstream_error(w->shm, w->worker_slot, u->shm_slot, BW_UPERR_STATUS);
     } else {
+        bw_breaker_release(bw_shm_breaker(w->shm, u->shm_slot), &ex->ticket, bw_breaker_now_ms());
         return;
     }
     bw_breaker_transition t = {0};
-    bw_breaker_report(bw_shm_breaker(w->shm, u->shm_slot), &u->breaker, bw_probes_wall_ms(),
+    bw_breaker_report(bw_shm_breaker(w->shm, u->shm_slot), &u->breaker, bw_breaker_now_ms(),
                       &ex->ticket, outcome, (uint32_t)next_random(&w->reqid_state), &t);
     log_transition(w, u, &t);
 }
@@ -558,6 +560,9 @@ static void exchange_clear(bw_exchange *ex)
 {
     exchange_release_upstream(ex, false);
     bw_session *s = ex->s;
+    if (BW_INSTRUMENTED && ex->ticketed && ex->pool) /* ended with no outcome: free the permit */
+        bw_breaker_release(bw_shm_breaker(s->w->shm, ex->pool->conf->shm_slot), &ex->ticket,
+                           bw_breaker_now_ms());
     evbuffer_drain(s->replay_buf, evbuffer_get_length(s->replay_buf));
     memset(ex, 0, sizeof(*ex));
     ex->s = s;
@@ -1101,7 +1106,7 @@ static bool admit_breaker(bw_session *s, bw_exchange *ex)
     uint64_t retry_ms = 0;
     bw_breaker_transition t = {0};
     bw_breaker_decision d = bw_breaker_allow(
-        bw_shm_breaker(w->shm, u->shm_slot), &u->breaker, bw_probes_wall_ms(),
+        bw_shm_breaker(w->shm, u->shm_slot), &u->breaker, bw_breaker_now_ms(),
         u->connect_timeout_ms + u->response_timeout_ms, &ex->ticket, &retry_ms, &t);
     log_transition(w, u, &t);
     if (d != BW_BREAKER_REJECT) {
@@ -1497,8 +1502,15 @@ static void start_attempt(bw_exchange *ex, bw_server *same, bool allow_reuse)
             break;
         bw_log_warn(s->w->log, "upstream %s: cannot connect to %s: %s", ex->pool->conf->name,
                     server->conf->address, strerror(errno ? errno : ECONNREFUSED));
+        /* A connect that fails at once (EMFILE, EADDRNOTAVAIL, ENETUNREACH) is a connect
+         * failure like a refused one: counted, and owed to the breaker if it is the last. */
+        if (BW_INSTRUMENTED)
+            bw_metrics_upstream_error(s->w->shm, s->w->worker_slot, ex->pool->conf->shm_slot,
+                                      BW_UPERR_CONNECT);
         if (ex->attempts > (int)ex->pool->conf->retries || !ex->replayable) {
             ex->error = "connect";
+            ex->failed = true;
+            ex->failure = UF_CONNECT;
             send_error(s, 502, "upstream connect failed");
             return;
         }
@@ -1846,6 +1858,10 @@ static void read_response_head(bw_exchange *ex)
             upstream_failed(ex, UF_INVALID);
             return;
         }
+        /* A probe is decided by its head: a long or streaming body must not hold the permit
+         * past its lease, nor have its answer discarded as stale when it finally ends. */
+        if (ex->ticketed && ex->ticket.probe)
+            report_outcome(s, ex);
         evbuffer_drain(in, head_len);
         ex->rstate = RS_BODY;
         /* From here on the read timeout is the gap allowed between body reads. */
