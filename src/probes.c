@@ -42,13 +42,32 @@ static void snapshot(const bw_shm *shm, const bw_upstream_conf *u, uint64_t mono
     bw_breaker_snapshot(bw_shm_breaker(shm, u->shm_slot), &u->breaker, mono_ms, v);
 }
 
+/*
+ * The wall clock minus the monotonic clock, in ms. Linux derives CLOCK_REALTIME from
+ * CLOCK_MONOTONIC plus an offset that only a step of the clock changes (frequency slewing moves
+ * both), so reading it between two monotonic reads gives the same value on every call, and a
+ * breaker time shown twice is shown alike. The wall_ms argument is not used for this: it was read
+ * at another instant.
+ */
+static int64_t wall_offset_ms(void)
+{
+    struct timespec m1, w, m2;
+    clock_gettime(CLOCK_MONOTONIC, &m1);
+    clock_gettime(CLOCK_REALTIME, &w);
+    clock_gettime(CLOCK_MONOTONIC, &m2);
+    int64_t mono_ns = ((int64_t)m1.tv_sec + (int64_t)m2.tv_sec) * 500000000 +
+                      ((int64_t)m1.tv_nsec + (int64_t)m2.tv_nsec) / 2;
+    int64_t wall_ns = (int64_t)w.tv_sec * 1000000000 + (int64_t)w.tv_nsec;
+    return (wall_ns - mono_ns) / 1000000;
+}
+
 /* A breaker time (monotonic ms) as wall-clock ms, for display; 0 stays 0 ("never"). */
-static uint64_t mono_to_wall(uint64_t t, uint64_t mono_now, uint64_t wall_now)
+static uint64_t mono_to_wall(uint64_t t, int64_t offset_ms)
 {
     if (t == 0)
         return 0;
-    uint64_t ago = mono_now > t ? mono_now - t : 0;
-    return wall_now > ago ? wall_now - ago : 0;
+    int64_t w = (int64_t)t + offset_ms;
+    return w > 0 ? (uint64_t)w : 0;
 }
 
 int bw_probes_readyz(const bw_shm *shm, const bw_config *cfg, bool draining, uint64_t now_ms,
@@ -120,10 +139,12 @@ void bw_probes_upstream_json(const bw_shm *shm, const bw_upstream_conf *u, uint6
     bw_breaker_view v;
     snapshot(shm, u, mono, &v);
     char since[96], opened[112];
-    bw_probes_iso8601(mono_to_wall(v.since_ms, mono, now_ms), since, sizeof(since));
+    int64_t offset = wall_offset_ms();
+    (void)now_ms;
+    bw_probes_iso8601(mono_to_wall(v.since_ms, offset), since, sizeof(since));
     if (v.opened_at_ms) {
         char iso[96];
-        bw_probes_iso8601(mono_to_wall(v.opened_at_ms, mono, now_ms), iso, sizeof(iso));
+        bw_probes_iso8601(mono_to_wall(v.opened_at_ms, offset), iso, sizeof(iso));
         snprintf(opened, sizeof(opened), "\"%s\"", iso);
     } else {
         snprintf(opened, sizeof(opened), "null");
