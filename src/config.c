@@ -1051,6 +1051,16 @@ static bool valid_token(const char *s)
     return true;
 }
 
+/* Visible ASCII only: what may go into a request line or a Host header we write ourselves. */
+static bool valid_check_text(const char *s)
+{
+    for (; *s; s++) {
+        if (*s <= 0x20 || *s >= 0x7f)
+            return false;
+    }
+    return true;
+}
+
 static bool valid_env_name(const char *s)
 {
     if (!isalpha((unsigned char)*s) && *s != '_')
@@ -1597,6 +1607,90 @@ static void parse_breaker(vctx *c, const cJSON *ub, const char *up, bw_breaker_c
     }
 }
 
+static void parse_outlier(vctx *c, const cJSON *ub, const char *up, bw_outlier_conf *o)
+{
+    static const char *const fields[] = {"consecutive_failures", "base_ejection_ms",
+                                         "max_ejection_ms", "max_ejection_percent", NULL};
+    char p[PATH_LEN], sp[PATH_LEN];
+    o->consecutive_failures = 5;
+    o->base_ejection_ms = 30000;
+    o->max_ejection_ms = 300000;
+    o->max_ejection_percent = 50;
+    path_key(p, sizeof p, up, "outlier_detection");
+    const cJSON *obj = get_object(c, ub, up, "outlier_detection", false);
+    if (obj == NULL)
+        return;
+    check_fields(c, obj, p, fields);
+    get_u32(c, obj, p, "consecutive_failures", 0, 1000000, &o->consecutive_failures);
+    get_u32(c, obj, p, "base_ejection_ms", 1, MAX_MS, &o->base_ejection_ms);
+    bool max_set = get_u32(c, obj, p, "max_ejection_ms", 1, MAX_MS, &o->max_ejection_ms);
+    get_u32(c, obj, p, "max_ejection_percent", 0, 100, &o->max_ejection_percent);
+    if (o->max_ejection_ms < o->base_ejection_ms) {
+        if (max_set) {
+            path_key(sp, sizeof sp, p, "max_ejection_ms");
+            verr(c, sp, "must be at least base_ejection_ms (%" PRIu32 "), got %" PRIu32,
+                 o->base_ejection_ms, o->max_ejection_ms);
+        } else {
+            o->max_ejection_ms = o->base_ejection_ms;
+        }
+    }
+}
+
+static void parse_health_check(vctx *c, const cJSON *ub, const char *up, bw_health_check_conf *h)
+{
+    static const char *const fields[] = {"path",          "host",
+                                         "interval_ms",   "timeout_ms",
+                                         "healthy_threshold", "unhealthy_threshold",
+                                         "expect_status", NULL};
+    char p[PATH_LEN], sp[PATH_LEN], got[96];
+    memset(h, 0, sizeof(*h));
+    h->interval_ms = 5000;
+    h->timeout_ms = 1000;
+    h->healthy_threshold = 2;
+    h->unhealthy_threshold = 3;
+    h->expect_min = 200;
+    h->expect_max = 399;
+    path_key(p, sizeof p, up, "health_check");
+    const cJSON *obj = get_object(c, ub, up, "health_check", false);
+    if (obj == NULL)
+        return;
+    h->enabled = true;
+    check_fields(c, obj, p, fields);
+    const char *path = get_string(c, obj, p, "path", false);
+    path_key(sp, sizeof sp, p, "path");
+    if (path != NULL && (path[0] != '/' || !valid_check_text(path)))
+        verr(c, sp, "must start with \"/\" and hold only visible ASCII characters, got \"%s\"",
+             path);
+    h->path = vstrdup(c, path != NULL ? path : "/healthz");
+    const char *host = get_string(c, obj, p, "host", false);
+    path_key(sp, sizeof sp, p, "host");
+    if (host != NULL && (host[0] == '\0' || !valid_check_text(host)))
+        verr(c, sp, "must be a non-empty host name of visible ASCII characters, got \"%s\"", host);
+    if (host != NULL)
+        h->host = vstrdup(c, host);
+    get_u32(c, obj, p, "interval_ms", 10, MAX_MS, &h->interval_ms);
+    get_u32(c, obj, p, "timeout_ms", 1, MAX_MS, &h->timeout_ms);
+    get_u32(c, obj, p, "healthy_threshold", 1, 1000, &h->healthy_threshold);
+    get_u32(c, obj, p, "unhealthy_threshold", 1, 1000, &h->unhealthy_threshold);
+    const cJSON *es = field(obj, "expect_status");
+    path_key(sp, sizeof sp, p, "expect_status");
+    if (es != NULL) {
+        const cJSON *lo = cJSON_IsArray(es) && cJSON_GetArraySize(es) == 2 ? es->child : NULL;
+        const cJSON *hi = lo ? lo->next : NULL;
+        bool ok = lo && hi && cJSON_IsNumber(lo) && cJSON_IsNumber(hi) &&
+                  lo->valuedouble == floor(lo->valuedouble) &&
+                  hi->valuedouble == floor(hi->valuedouble) && lo->valuedouble >= 100 &&
+                  hi->valuedouble <= 599 && lo->valuedouble <= hi->valuedouble;
+        if (!ok) {
+            verr(c, sp, "must be an inclusive range [LOW, HIGH] of HTTP statuses (100..599), got %s",
+                 describe(es, got, sizeof got));
+        } else {
+            h->expect_min = (uint16_t)lo->valuedouble;
+            h->expect_max = (uint16_t)hi->valuedouble;
+        }
+    }
+}
+
 static void parse_upstream(vctx *c, const cJSON *u, const char *up, bw_upstream_conf *uc)
 {
     static const char *const fields[] = {"servers",
@@ -1608,6 +1702,8 @@ static void parse_upstream(vctx *c, const cJSON *u, const char *up, bw_upstream_
                                          "keepalive_timeout_ms",
                                          "retries",
                                          "circuit_breaker",
+                                         "outlier_detection",
+                                         "health_check",
                                          NULL};
     char sp[PATH_LEN], ip[PATH_LEN], got[96], why[256];
 
@@ -1639,6 +1735,8 @@ static void parse_upstream(vctx *c, const cJSON *u, const char *up, bw_upstream_
     }
 
     parse_breaker(c, u, up, &uc->breaker);
+    parse_outlier(c, u, up, &uc->outlier);
+    parse_health_check(c, u, up, &uc->health_check);
 
     const cJSON *servers = field(u, "servers");
     path_key(sp, sizeof sp, up, "servers");
@@ -2301,6 +2399,8 @@ void bw_config_free(bw_config *cfg)
         for (size_t k = 0; k < u->n_servers; k++)
             free(u->servers[k].address);
         free(u->servers);
+        free(u->health_check.path);
+        free(u->health_check.host);
     }
     free(cfg->upstreams);
     for (size_t i = 0; i < cfg->n_routes; i++) {

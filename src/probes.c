@@ -132,6 +132,38 @@ int bw_probes_readyz(const bw_shm *shm, const bw_config *cfg, bool draining, uin
     return ready ? 200 : 503;
 }
 
+/* One server of /upstreams: its address and what its shared health record says. */
+static void server_json(const bw_outlier_group *g, const bw_server_conf *sc, uint64_t mono,
+                        int64_t offset, const char *sep, struct evbuffer *out)
+{
+    bw_outlier_view v;
+    memset(&v, 0, sizeof(v));
+    v.healthy = true;
+    if (g != NULL && sc->shm_index >= 0 && sc->shm_index < BW_OUTLIER_MAX_SERVERS)
+        bw_outlier_snapshot(&g->servers[sc->shm_index], mono, &v);
+    char until[112] = "null", check[200] = "null";
+    if (v.ejected) {
+        char iso[96];
+        bw_probes_iso8601(mono_to_wall(v.ejected_until, offset), iso, sizeof(iso));
+        snprintf(until, sizeof(until), "\"%s\"", iso);
+    }
+    if (v.check_result != BW_CHECK_NONE) {
+        char iso[96], status[16] = "null";
+        bw_probes_iso8601(v.check_wall_ms, iso, sizeof(iso));
+        if (v.check_status > 0)
+            snprintf(status, sizeof(status), "%d", v.check_status);
+        snprintf(check, sizeof(check), "{\"result\":\"%s\",\"status\":%s,\"time\":\"%s\"}",
+                 bw_check_result_name(v.check_result), status, iso);
+    }
+    evbuffer_add_printf(out,
+                        "%s{\"address\":\"%s\",\"healthy\":%s,\"ejected\":%s,\"ejected_until\":%s,"
+                        "\"active_requests\":%d,\"consecutive_failures\":%u,\"ejections\":%u,"
+                        "\"last_check\":%s}",
+                        sep, sc->address, v.healthy ? "true" : "false",
+                        v.ejected ? "true" : "false", until, (int)v.active_requests,
+                        v.consecutive_failures, v.ejections, check);
+}
+
 void bw_probes_upstream_json(const bw_shm *shm, const bw_upstream_conf *u, uint64_t now_ms,
                              struct evbuffer *out)
 {
@@ -152,13 +184,16 @@ void bw_probes_upstream_json(const bw_shm *shm, const bw_upstream_conf *u, uint6
     evbuffer_add_printf(out, "{\"name\":\"%s\",\"critical\":%s,\"balance\":\"%s\",\"servers\":[",
                         u->name, u->critical ? "true" : "false",
                         u->balance == BW_BALANCE_LEAST_CONN ? "least_conn" : "round_robin");
+    const bw_outlier_group *g = u->shm_slot >= 0 ? bw_shm_servers(shm, u->shm_slot) : NULL;
     for (size_t i = 0; i < u->n_servers; i++)
-        evbuffer_add_printf(out, "%s{\"address\":\"%s\"}", i ? "," : "", u->servers[i].address);
+        server_json(g, &u->servers[i], mono, offset, i ? "," : "", out);
     evbuffer_add_printf(
         out,
-        "],\"circuit_breaker\":{\"state\":\"%s\",\"since\":\"%s\",\"failures\":%u,"
+        "],\"ejections_total\":%llu,"
+        "\"circuit_breaker\":{\"state\":\"%s\",\"since\":\"%s\",\"failures\":%u,"
         "\"opened_at\":%s,\"retry_after_ms\":%llu,\"wait_ms\":%llu,\"half_open_permits\":%u,"
         "\"transitions\":{\"closed\":%llu,\"open\":%llu,\"half_open\":%llu},\"rejected\":%llu}}",
+        (unsigned long long)(g ? atomic_load(&g->ejections_total) : 0),
         bw_breaker_state_name(v.state), since, v.failures, opened,
         (unsigned long long)v.retry_after_ms, (unsigned long long)v.wait_ms, v.half_open_permits,
         (unsigned long long)v.transitions[BW_BREAKER_CLOSED],

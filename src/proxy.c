@@ -323,6 +323,29 @@ static void report_outcome(bw_session *s, bw_exchange *ex)
     log_transition(w, u, &t);
 }
 
+/* Passive outlier detection: one attempt's outcome on one server (the breaker's definition of
+ * failure), shared by every worker through the server's record. */
+static void server_outcome(bw_session *s, bw_exchange *ex, bw_server *server, bool failed)
+{
+    if (!BW_INSTRUMENTED || server == NULL || server->health == NULL)
+        return;
+    const bw_upstream_conf *u = ex->pool->conf;
+    uint64_t now = bw_breaker_now_ms();
+    if (!failed) {
+        bw_outlier_success(server->health, &u->outlier, now);
+        return;
+    }
+    uint64_t dur = 0;
+    if (bw_outlier_failure(server->health, ex->pool->health, ex->pool->n_servers, &u->outlier, now,
+                           &dur)) {
+        atomic_fetch_add_explicit(&ex->pool->group->ejections_total, 1, memory_order_relaxed);
+        bw_log_warn(s->w->log,
+                    "upstream %s: server %s ejected for %llu ms after %u consecutive failures",
+                    u->name, server->conf->address, (unsigned long long)dur,
+                    u->outlier.consecutive_failures);
+    }
+}
+
 /* Everything that happens once per exchange when it ends: breaker outcome, metrics, access log. */
 static void exchange_record(bw_session *s, bw_exchange *ex)
 {
@@ -1491,7 +1514,8 @@ static void start_attempt(bw_exchange *ex, bw_server *same, bool allow_reuse)
     bw_session *s = ex->s;
     bw_upconn *uc;
     for (;;) {
-        bw_server *server = same ? same : bw_upstream_pick(ex->pool, ex->server);
+        bw_server *server =
+            same ? same : bw_upstream_pick(ex->pool, ex->server, bw_breaker_now_ms());
         same = NULL;
         ex->server = server;
         ex->attempts++;
@@ -1507,6 +1531,7 @@ static void start_attempt(bw_exchange *ex, bw_server *same, bool allow_reuse)
         if (BW_INSTRUMENTED)
             bw_metrics_upstream_error(s->w->shm, s->w->worker_slot, ex->pool->conf->shm_slot,
                                       BW_UPERR_CONNECT);
+        server_outcome(s, ex, server, true);
         if (ex->attempts > (int)ex->pool->conf->retries || !ex->replayable) {
             ex->error = "connect";
             ex->failed = true;
@@ -1581,9 +1606,11 @@ static void upstream_failed(bw_exchange *ex, up_failure why)
     if (BW_INSTRUMENTED && !(was_reused && why == UF_RESET))
         bw_metrics_upstream_error(s->w->shm, s->w->worker_slot, ex->pool->conf->shm_slot,
                                   error_kind(why));
-    if (!(was_reused && why == UF_RESET))
+    if (!(was_reused && why == UF_RESET)) {
         bw_log_warn(s->w->log, "upstream %s: server %s: %s (attempt %d)", ex->pool->conf->name,
                     addr, failure_name(why), ex->attempts);
+        server_outcome(s, ex, ex->server, true);
+    }
     switch (may_retry(ex, why, nothing_written, was_reused)) {
     case RETRY_SAME_FRESH:
         ex->attempts--; /* a stale pooled connection does not use up the retry budget */
@@ -1858,6 +1885,8 @@ static void read_response_head(bw_exchange *ex)
             upstream_failed(ex, UF_INVALID);
             return;
         }
+        server_outcome(s, ex, ex->server,
+                       bw_breaker_is_failure_status(&ex->pool->conf->breaker, ex->status));
         /* A probe is decided by its head: a long or streaming body must not hold the permit
          * past its lease, nor have its answer discarded as stale when it finally ends. */
         if (ex->ticketed && ex->ticket.probe)

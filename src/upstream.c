@@ -59,7 +59,8 @@ static void idle_event_cb(struct bufferevent *bev, short what, void *arg)
     upconn_free(c);
 }
 
-bw_upstream_pool *bw_upstream_pools_new(struct event_base *base, const bw_config *cfg)
+bw_upstream_pool *bw_upstream_pools_new(struct event_base *base, const bw_config *cfg,
+                                        const bw_shm *shm)
 {
     bw_upstream_pool *pools = calloc(cfg->n_upstreams ? cfg->n_upstreams : 1, sizeof(*pools));
     if (!pools)
@@ -70,14 +71,22 @@ bw_upstream_pool *bw_upstream_pools_new(struct event_base *base, const bw_config
         p->base = base;
         p->n_servers = p->conf->n_servers;
         p->servers = calloc(p->n_servers ? p->n_servers : 1, sizeof(bw_server));
-        if (!p->servers) {
-            bw_upstream_pools_free(pools, i);
+        p->health = calloc(p->n_servers ? p->n_servers : 1, sizeof(*p->health));
+        if (!p->servers || !p->health) {
+            bw_upstream_pools_free(pools, i + 1);
             return NULL;
         }
+        p->group = shm && p->conf->shm_slot >= 0 ? bw_shm_servers(shm, p->conf->shm_slot) : NULL;
         for (size_t j = 0; j < p->n_servers; j++) {
             p->servers[j].conf = &p->conf->servers[j];
             p->servers[j].pool = p;
+            int k = p->conf->servers[j].shm_index;
+            if (p->group && k >= 0 && k < BW_OUTLIER_MAX_SERVERS)
+                p->servers[j].health = &p->group->servers[k];
+            p->health[j] = p->servers[j].health;
         }
+        if (!p->group || (p->n_servers && !p->health[0]))
+            p->group = NULL; /* all or nothing: the cap must see every server */
         uint32_t ms[3] = {p->conf->connect_timeout_ms, p->conf->response_timeout_ms,
                           p->conf->keepalive_timeout_ms};
         const struct timeval **dst[3] = {&p->tv_connect, &p->tv_response, &p->tv_keepalive};
@@ -111,34 +120,48 @@ void bw_upstream_pools_free(bw_upstream_pool *pools, size_t n)
     if (!pools)
         return;
     bw_upstream_pools_close_idle(pools, n);
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
         free(pools[i].servers);
+        free(pools[i].health);
+    }
     free(pools);
 }
 
-bw_server *bw_upstream_pick(bw_upstream_pool *pool, const bw_server *avoid)
+static bool server_usable(const bw_server *s, uint64_t now_ms)
+{
+    return s->health == NULL || bw_outlier_available(s->health, now_ms);
+}
+
+/* The balancing rule over the servers `ok` accepts; NULL when it accepts none. */
+static bw_server *pick_among(bw_upstream_pool *pool, const bw_server *avoid, uint64_t now_ms,
+                             bool healthy_only)
 {
     size_t n = pool->n_servers;
-    if (n == 0)
-        return NULL;
-    if (pool->conf->balance == BW_BALANCE_LEAST_CONN) {
-        /* Start the scan at a rotating offset so ties are spread instead of always going to
-         * the first server. */
-        size_t start = pool->rr_next++ % n;
-        bw_server *best = NULL;
-        for (size_t k = 0; k < n; k++) {
-            bw_server *s = &pool->servers[(start + k) % n];
-            if (s == avoid && n > 1)
-                continue;
-            if (!best || s->active < best->active)
-                best = s;
+    size_t start = pool->rr_next++ % n;
+    bw_server *best = NULL, *avoided = NULL;
+    for (size_t k = 0; k < n; k++) {
+        bw_server *s = &pool->servers[(start + k) % n];
+        if (healthy_only && !server_usable(s, now_ms))
+            continue;
+        if (s == avoid) {
+            avoided = s;
+            continue;
         }
-        return best;
+        if (pool->conf->balance != BW_BALANCE_LEAST_CONN)
+            return s; /* round robin: the first acceptable one from the rotating start */
+        /* Least connections: the scan starts at a rotating offset so that ties spread. */
+        if (!best || s->active < best->active)
+            best = s;
     }
-    bw_server *s = &pool->servers[pool->rr_next++ % n];
-    if (s == avoid && n > 1)
-        s = &pool->servers[pool->rr_next++ % n];
-    return s;
+    return best ? best : avoided;
+}
+
+bw_server *bw_upstream_pick(bw_upstream_pool *pool, const bw_server *avoid, uint64_t now_ms)
+{
+    if (pool->n_servers == 0)
+        return NULL;
+    bw_server *s = pick_among(pool, avoid, now_ms, true);
+    return s ? s : pick_among(pool, avoid, now_ms, false);
 }
 
 /* True when an idle connection still looks usable: no EOF, no stray bytes, no pending error. */
@@ -203,11 +226,16 @@ bw_upconn *bw_upstream_acquire(bw_server *server, bool allow_reuse)
         bufferevent_set_timeouts(c->bev, NULL, NULL);
         c->reused = true;
         server->active++;
+        if (server->health)
+            bw_outlier_active(server->health, 1);
         return c;
     }
     bw_upconn *c = connect_new(server);
-    if (c)
+    if (c) {
         server->active++;
+        if (server->health)
+            bw_outlier_active(server->health, 1);
+    }
     return c;
 }
 
@@ -216,6 +244,8 @@ void bw_upstream_release(bw_upconn *c)
     bw_server *s = c->server;
     const bw_upstream_conf *uc = s->pool->conf;
     s->active--;
+    if (s->health)
+        bw_outlier_active(s->health, -1);
     c->owner = NULL;
     if (s->n_idle >= uc->keepalive_max_idle ||
         evbuffer_get_length(bufferevent_get_input(c->bev)) > 0 ||
@@ -240,5 +270,7 @@ void bw_upstream_release(bw_upconn *c)
 void bw_upstream_close(bw_upconn *c)
 {
     c->server->active--;
+    if (c->server->health)
+        bw_outlier_active(c->server->health, -1);
     upconn_free(c);
 }

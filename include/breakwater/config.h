@@ -88,7 +88,28 @@ typedef struct bw_server_conf {
     char *address; /* as written; used as the server label */
     bw_sockaddr addr;
     uint32_t weight; /* reserved for weighted balancing; default 1 */
+    int shm_index;   /* assigned by bw_shm_bind(): its per-server health record */
 } bw_server_conf;
+
+/* Passive outlier detection ("outlier_detection"); consecutive_failures 0 turns it off. */
+typedef struct bw_outlier_conf {
+    uint32_t consecutive_failures; /* default 5 */
+    uint32_t base_ejection_ms;     /* default 30000; grows with ejections in a row */
+    uint32_t max_ejection_ms;      /* default 300000 */
+    uint32_t max_ejection_percent; /* default 50; at least one server always stays in */
+} bw_outlier_conf;
+
+/* Active health checks ("health_check"); absent = enabled false. */
+typedef struct bw_health_check_conf {
+    bool enabled;
+    char *path;                   /* default "/healthz" */
+    char *host;                   /* Host header; NULL = the server's address */
+    uint32_t interval_ms;         /* default 5000 */
+    uint32_t timeout_ms;          /* default 1000: connect, request and whole response */
+    uint32_t healthy_threshold;   /* passes in a row to become healthy; default 2 */
+    uint32_t unhealthy_threshold; /* failures in a row to become unhealthy; default 3 */
+    uint16_t expect_min, expect_max; /* inclusive status range; default 200..399 */
+} bw_health_check_conf;
 
 typedef struct bw_upstream_conf {
     char *name;
@@ -102,6 +123,8 @@ typedef struct bw_upstream_conf {
     uint32_t keepalive_timeout_ms; /* idle pooled connection lifetime; default 60000 */
     uint32_t retries;              /* extra attempts on another server; default 1 */
     bw_breaker_conf breaker;
+    bw_outlier_conf outlier;
+    bw_health_check_conf health_check;
     int shm_slot; /* assigned by bw_shm_bind(): breaker and counters slot */
 } bw_upstream_conf;
 
