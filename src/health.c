@@ -1,5 +1,5 @@
 /*
- * Upstream health in the master.
+ * Upstream health in the master: breaker ticks and active health checks.
  *
  * A breaker only moved from open to half_open when a request asked for admission, so an upstream
  * that receives no traffic while it is out (a Kubernetes pod marked unready gets none) stayed open
@@ -8,12 +8,38 @@
  * over. The breakers run on the monotonic clock, so a step of the wall clock changes nothing
  * here. The transition is made in the shared record, so workers, /readyz, /upstreams, the
  * metrics and the fleet synchronisation all see it as if a request had made it.
+ *
+ * Active checks run here too, once per instance rather than once per worker, each one a
+ * non-blocking connection on the master's loop with its own deadline: a server that hangs costs
+ * a timer, never a wait. A check sends "GET path" with Connection: close, reads the response head
+ * (at most BW_HEALTH_MAX_HEAD bytes, parsed by the same strict parser as proxied responses) and
+ * decides on its status; the body is never read, so a check endpoint answering megabytes costs
+ * nothing but one socket buffer. Verdicts go to the server's shared record (bw_outlier_*), where
+ * the workers' balancers read them; a passing check also counts as a successful probe for a
+ * breaker that is not closed, so an upstream that came back closes with no client traffic.
  */
 #include "breakwater/health.h"
 
 #include <stdlib.h>
+#include <string.h>
+
+#include <event2/buffer.h>
+#include <event2/bufferevent.h>
 
 #include "breakwater/breaker.h"
+#include "breakwater/http.h"
+#include "breakwater/outlier.h"
+#include "breakwater/probes.h"
+
+/* One server's active check. */
+typedef struct hc_target {
+    bw_health *h;
+    size_t up, srv;          /* indices into cfg->upstreams and its servers */
+    struct event *every;     /* the interval timer */
+    struct event *deadline;  /* timeout_ms of the check in flight */
+    struct bufferevent *bev; /* the check in flight, NULL between checks */
+    bool connected;
+} hc_target;
 
 struct bw_health {
     struct event_base *base;
@@ -21,6 +47,9 @@ struct bw_health {
     const bw_config *cfg;
     bw_log *log;
     struct event *tick;
+    hc_target *targets;
+    size_t n_targets;
+    bw_http_head *head; /* parser scratch (large: kept off the stack) */
 };
 
 static void health_tick_breakers(bw_health *h)
@@ -46,6 +75,221 @@ static void health_tick_cb(evutil_socket_t fd, short what, void *arg)
     health_tick_breakers(arg);
 }
 
+static const char *hc_result_text(bw_check_result r)
+{
+    switch (r) {
+    case BW_CHECK_PASS:
+        return "passed";
+    case BW_CHECK_STATUS:
+        return "unexpected status";
+    case BW_CHECK_CONNECT:
+        return "connect failed";
+    case BW_CHECK_TIMEOUT:
+        return "no answer within timeout_ms";
+    case BW_CHECK_INVALID:
+        return "invalid HTTP response";
+    case BW_CHECK_TOO_LARGE:
+        return "response head too large";
+    case BW_CHECK_TLS:
+        return "TLS failed";
+    case BW_CHECK_NONE:
+        break;
+    }
+    return "?";
+}
+
+/* The check is over: its verdict goes to the server's shared record and, when it passed, to
+ * the upstream's breaker as a successful probe. */
+static void hc_finish(hc_target *t, bw_check_result r, int status)
+{
+    bw_health *h = t->h;
+    if (t->bev) {
+        bufferevent_free(t->bev);
+        t->bev = NULL;
+    }
+    evtimer_del(t->deadline);
+    const bw_upstream_conf *u = &h->cfg->upstreams[t->up];
+    const bw_server_conf *sc = &u->servers[t->srv];
+    bw_outlier_group *g = bw_shm_servers(h->shm, u->shm_slot);
+    if (g == NULL || sc->shm_index < 0 || sc->shm_index >= BW_OUTLIER_MAX_SERVERS)
+        return;
+    bool passed = r == BW_CHECK_PASS;
+    atomic_fetch_add_explicit(passed ? &g->checks_pass : &g->checks_fail, 1, memory_order_relaxed);
+    bw_outlier_server *rec = &g->servers[sc->shm_index];
+    char st[24] = "";
+    if (status > 0)
+        snprintf(st, sizeof(st), " (status %d)", status);
+    if (bw_outlier_check_done(rec, &u->health_check, passed, r, status, bw_probes_wall_ms())) {
+        if (passed)
+            bw_log_info(h->log, "upstream %s: server %s is healthy again: %u health checks passed",
+                        u->name, sc->address, u->health_check.healthy_threshold);
+        else
+            bw_log_warn(h->log,
+                        "upstream %s: server %s is unhealthy: health check %s %s%s, %u in a row",
+                        u->name, sc->address, u->health_check.path, hc_result_text(r), st,
+                        u->health_check.unhealthy_threshold);
+    } else if (!passed) {
+        bw_log_debug(h->log, "upstream %s: server %s: health check %s %s%s", u->name, sc->address,
+                     u->health_check.path, hc_result_text(r), st);
+    }
+    if (!passed)
+        return;
+    bw_breaker_transition tr;
+    if (bw_breaker_check_passed(bw_shm_breaker(h->shm, u->shm_slot), &u->breaker,
+                                bw_breaker_now_ms(), &tr)) {
+        char what[160];
+        bw_breaker_describe(&tr, what, sizeof(what));
+        bw_log_info(h->log, "breaker %s: %s (health check of %s)", u->name, what, sc->address);
+    }
+}
+
+static void hc_read_cb(struct bufferevent *bev, void *arg)
+{
+    hc_target *t = arg;
+    bw_health *h = t->h;
+    const bw_health_check_conf *c = &h->cfg->upstreams[t->up].health_check;
+    struct evbuffer *in = bufferevent_get_input(bev);
+    for (;;) {
+        size_t len = evbuffer_get_length(in);
+        struct evbuffer_ptr end = evbuffer_search(in, "\r\n\r\n", 4, NULL);
+        if (end.pos < 0) {
+            if (len > BW_HEALTH_MAX_HEAD)
+                hc_finish(t, BW_CHECK_TOO_LARGE, 0);
+            return;
+        }
+        size_t head_len = (size_t)end.pos + 4;
+        if (head_len > BW_HEALTH_MAX_HEAD) {
+            hc_finish(t, BW_CHECK_TOO_LARGE, 0);
+            return;
+        }
+        const char *p = (const char *)evbuffer_pullup(in, (ev_ssize_t)head_len);
+        if (p == NULL || bw_http_parse_response(p, head_len, BW_HTTP_MAX_HEADERS_HARD,
+                                                BW_METHOD_GET, h->head) != BW_HTTP_OK) {
+            hc_finish(t, BW_CHECK_INVALID, 0);
+            return;
+        }
+        int status = h->head->status;
+        if (status >= 100 && status < 200 && status != 101) {
+            evbuffer_drain(in, head_len); /* interim: the final head follows */
+            continue;
+        }
+        bool ok = status >= c->expect_min && status <= c->expect_max;
+        hc_finish(t, ok ? BW_CHECK_PASS : BW_CHECK_STATUS, status);
+        return;
+    }
+}
+
+static void hc_event_cb(struct bufferevent *bev, short what, void *arg)
+{
+    (void)bev;
+    hc_target *t = arg;
+    if (what & BEV_EVENT_CONNECTED) {
+        t->connected = true;
+        return;
+    }
+    /* EOF or error before a complete head. */
+    hc_finish(t, t->connected ? BW_CHECK_INVALID : BW_CHECK_CONNECT, 0);
+}
+
+static void hc_deadline_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    hc_finish(arg, BW_CHECK_TIMEOUT, 0);
+}
+
+static void hc_start(hc_target *t)
+{
+    bw_health *h = t->h;
+    if (t->bev != NULL)
+        return; /* the previous check is still running (timeout_ms > interval_ms) */
+    const bw_upstream_conf *u = &h->cfg->upstreams[t->up];
+    const bw_server_conf *sc = &u->servers[t->srv];
+    const bw_health_check_conf *c = &u->health_check;
+    t->connected = false;
+    struct timeval tv = {c->timeout_ms / 1000, (c->timeout_ms % 1000) * 1000};
+    evtimer_add(t->deadline, &tv);
+    t->bev = bufferevent_socket_new(h->base, -1, BEV_OPT_CLOSE_ON_FREE);
+    if (t->bev == NULL) {
+        hc_finish(t, BW_CHECK_CONNECT, 0);
+        return;
+    }
+    bufferevent_setcb(t->bev, hc_read_cb, NULL, hc_event_cb, t);
+    bufferevent_setwatermark(t->bev, EV_READ, 0, BW_HEALTH_MAX_HEAD + 1);
+    evbuffer_add_printf(bufferevent_get_output(t->bev),
+                        "GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: breakwater-health-check\r\n"
+                        "Connection: close\r\n\r\n",
+                        c->path, c->host ? c->host : sc->address);
+    bufferevent_enable(t->bev, EV_READ | EV_WRITE);
+    if (bufferevent_socket_connect(t->bev, (const struct sockaddr *)&sc->addr.ss,
+                                   (int)sc->addr.len) < 0)
+        hc_finish(t, BW_CHECK_CONNECT, 0); /* failed at once: EMFILE, ENETUNREACH, ... */
+}
+
+static void hc_every_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    hc_start(arg);
+}
+
+static void hc_stop_all(bw_health *h)
+{
+    for (size_t i = 0; i < h->n_targets; i++) {
+        hc_target *t = &h->targets[i];
+        if (t->bev)
+            bufferevent_free(t->bev);
+        if (t->every)
+            event_free(t->every);
+        if (t->deadline)
+            event_free(t->deadline);
+    }
+    free(h->targets);
+    h->targets = NULL;
+    h->n_targets = 0;
+}
+
+/* One target per server of every upstream with a health_check, each first checked at once (so a
+ * server that is down at start is found within one timeout, not one interval). */
+static void hc_start_all(bw_health *h)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < h->cfg->n_upstreams; i++)
+        if (h->cfg->upstreams[i].health_check.enabled)
+            n += h->cfg->upstreams[i].n_servers;
+    if (n == 0)
+        return;
+    h->targets = calloc(n, sizeof(*h->targets));
+    if (h->targets == NULL) {
+        bw_log_error(h->log, "health checks: out of memory; no active checks");
+        return;
+    }
+    size_t k = 0;
+    for (size_t i = 0; i < h->cfg->n_upstreams; i++) {
+        const bw_upstream_conf *u = &h->cfg->upstreams[i];
+        if (!u->health_check.enabled)
+            continue;
+        for (size_t j = 0; j < u->n_servers; j++) {
+            hc_target *t = &h->targets[k++];
+            t->h = h;
+            t->up = i;
+            t->srv = j;
+            t->every = event_new(h->base, -1, EV_PERSIST, hc_every_cb, t);
+            t->deadline = evtimer_new(h->base, hc_deadline_cb, t);
+            h->n_targets = k;
+            if (t->every == NULL || t->deadline == NULL) {
+                bw_log_error(h->log, "health checks: out of memory; no active checks");
+                hc_stop_all(h);
+                return;
+            }
+            uint32_t ms = u->health_check.interval_ms;
+            struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+            event_add(t->every, &tv);
+            event_active(t->every, EV_TIMEOUT, 0); /* the first check at once */
+        }
+    }
+}
+
 bw_health *bw_health_new(struct event_base *base, bw_shm *shm, const bw_config *cfg, bw_log *log)
 {
     bw_health *h = calloc(1, sizeof(*h));
@@ -55,25 +299,32 @@ bw_health *bw_health_new(struct event_base *base, bw_shm *shm, const bw_config *
     h->shm = shm;
     h->cfg = cfg;
     h->log = log;
+    h->head = malloc(sizeof(*h->head));
     h->tick = event_new(base, -1, EV_PERSIST, health_tick_cb, h);
-    if (h->tick == NULL) {
-        free(h);
+    if (h->tick == NULL || h->head == NULL) {
+        bw_health_free(h);
         return NULL;
     }
     struct timeval tv = {0, BW_HEALTH_TICK_MS * 1000};
     event_add(h->tick, &tv);
+    hc_start_all(h);
     return h;
 }
 
 void bw_health_set_config(bw_health *h, const bw_config *cfg)
 {
+    hc_stop_all(h);
     h->cfg = cfg;
+    hc_start_all(h);
 }
 
 void bw_health_free(bw_health *h)
 {
     if (h == NULL)
         return;
-    event_free(h->tick);
+    hc_stop_all(h);
+    if (h->tick)
+        event_free(h->tick);
+    free(h->head);
     free(h);
 }

@@ -17,6 +17,8 @@
 
 /* How often the master looks at every breaker for an open period that is over. */
 #define BW_HEALTH_TICK_MS 100
+/* The largest response head a health check reads; the body is never read. */
+#define BW_HEALTH_MAX_HEAD 16384
 
 typedef struct bw_health bw_health;
 
