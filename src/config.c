@@ -181,6 +181,58 @@ int bw_sockaddr_parse(const char *text, bw_sockaddr *out, char *err, size_t errl
     return 0;
 }
 
+int bw_server_name_parse(const char *text, char *host, size_t hostlen, uint16_t *port, char *err,
+                         size_t errlen)
+{
+    const char *colon = text ? strrchr(text, ':') : NULL;
+    if (colon == NULL || colon == text) {
+        snprintf(err, errlen, "expected name:port");
+        return -1;
+    }
+    size_t n = (size_t)(colon - text);
+    if (n > 253 || n + 1 > hostlen) {
+        snprintf(err, errlen, "host name longer than 253 characters");
+        return -1;
+    }
+    size_t label = 0;
+    bool alpha = false;
+    for (size_t i = 0; i < n; i++) {
+        char ch = text[i];
+        if (ch == '.') {
+            if (label == 0) {
+                snprintf(err, errlen, "empty label in host name");
+                return -1;
+            }
+            label = 0;
+            continue;
+        }
+        if (!isalnum((unsigned char)ch) && ch != '-' && ch != '_') {
+            snprintf(err, errlen, "'%c' is not allowed in a host name", ch);
+            return -1;
+        }
+        if (isalpha((unsigned char)ch))
+            alpha = true;
+        if (++label > 63) {
+            snprintf(err, errlen, "a label of the host name is longer than 63 characters");
+            return -1;
+        }
+    }
+    if (!alpha) {
+        snprintf(err, errlen, "not a host name");
+        return -1;
+    }
+    const char *p = colon + 1;
+    unsigned long pnum = 0;
+    if (!all_digits(p) || strlen(p) > 5 || (pnum = strtoul(p, NULL, 10)) < 1 || pnum > 65535) {
+        snprintf(err, errlen, "invalid port \"%.16s\" (expected a number from 1 to 65535)", p);
+        return -1;
+    }
+    memcpy(host, text, n);
+    host[n] = '\0';
+    *port = (uint16_t)pnum;
+    return 0;
+}
+
 const char *bw_sockaddr_format(const bw_sockaddr *a, char *buf, size_t len)
 {
     char ip[INET6_ADDRSTRLEN];
@@ -1704,6 +1756,7 @@ static void parse_upstream(vctx *c, const cJSON *u, const char *up, bw_upstream_
                                          "circuit_breaker",
                                          "outlier_detection",
                                          "health_check",
+                                         "resolve_interval_ms",
                                          NULL};
     char sp[PATH_LEN], ip[PATH_LEN], got[96], why[256];
 
@@ -1721,6 +1774,8 @@ static void parse_upstream(vctx *c, const cJSON *u, const char *up, bw_upstream_
     get_u32(c, u, up, "keepalive_max_idle", 0, 100000, &uc->keepalive_max_idle);
     get_u32(c, u, up, "keepalive_timeout_ms", 1, MAX_MS, &uc->keepalive_timeout_ms);
     get_u32(c, u, up, "retries", 0, 10, &uc->retries);
+    uc->resolve_interval_ms = 5000;
+    get_u32(c, u, up, "resolve_interval_ms", 100, MAX_MS, &uc->resolve_interval_ms);
 
     const char *bal = get_string(c, u, up, "balance", false);
     if (bal != NULL) {
@@ -1760,9 +1815,26 @@ static void parse_upstream(vctx *c, const cJSON *u, const char *up, bw_upstream_
         bw_server_conf *s = &uc->servers[i];
         path_idx(ip, sizeof ip, sp, i);
         s->weight = 1;
+        char name[256], why2[128];
+        uint16_t port = 0;
         if (!cJSON_IsString(el)) {
             verr(c, ip, "must be a \"host:port\" string, got %s", describe(el, got, sizeof got));
-        } else if (bw_sockaddr_parse(el->valuestring, &s->addr, why, sizeof why) < 0) {
+        } else if (bw_sockaddr_parse(el->valuestring, &s->addr, why, sizeof why) < 0 &&
+                   bw_server_name_parse(el->valuestring, name, sizeof name, &port, why2,
+                                        sizeof why2) == 0) {
+            /* A DNS name: resolved at run time by the master (src/resolver.c). */
+            s->addr.len = 0;
+            s->host = vstrdup(c, name);
+            s->port = port;
+            s->address = vstrdup(c, el->valuestring);
+            uc->dynamic = true;
+            for (size_t k = 0; k < i; k++) {
+                if (uc->servers[k].address && strcmp(uc->servers[k].address, s->address) == 0) {
+                    verr(c, ip, "\"%s\" is listed twice (also %s[%zu])", el->valuestring, sp, k);
+                    break;
+                }
+            }
+        } else if (s->addr.len == 0) {
             verr(c, ip, "invalid server address \"%s\": %s", el->valuestring, why);
         } else if (sockaddr_is_any(&s->addr)) {
             verr(c, ip, "\"%s\" is a wildcard address; a server needs a concrete IP address",
@@ -2074,6 +2146,39 @@ static void parse_routes(vctx *c, const cJSON *root, bw_config *cfg)
     }
 }
 
+/* "resolvers": ["IP:PORT", ...], the nameservers used instead of /etc/resolv.conf's. */
+static void parse_resolvers(vctx *c, const cJSON *root, bw_config *cfg)
+{
+    const cJSON *arr = field(root, "resolvers");
+    char ip[PATH_LEN], got[96], why[160];
+    if (arr == NULL)
+        return;
+    if (!cJSON_IsArray(arr) || cJSON_GetArraySize(arr) == 0 || cJSON_GetArraySize(arr) > 16) {
+        verr(c, "resolvers", "must be an array of 1 to 16 \"IP:PORT\" strings, got %s",
+             describe(arr, got, sizeof got));
+        return;
+    }
+    size_t n = (size_t)cJSON_GetArraySize(arr), i = 0;
+    cfg->resolvers = vcalloc(c, n, sizeof *cfg->resolvers);
+    if (cfg->resolvers == NULL)
+        return;
+    const cJSON *el;
+    cJSON_ArrayForEach(el, arr)
+    {
+        path_idx(ip, sizeof ip, "resolvers", i++);
+        if (!cJSON_IsString(el)) {
+            verr(c, ip, "must be an \"IP:PORT\" string, got %s", describe(el, got, sizeof got));
+            continue;
+        }
+        bw_sockaddr a;
+        if (bw_sockaddr_parse(el->valuestring, &a, why, sizeof why) < 0) {
+            verr(c, ip, "invalid nameserver address \"%s\": %s", el->valuestring, why);
+            continue;
+        }
+        cfg->resolvers[cfg->n_resolvers++] = a;
+    }
+}
+
 static void parse_trusted_proxies(vctx *c, const cJSON *root, bw_config *cfg)
 {
     char p[PATH_LEN], got[96], fixed[INET6_ADDRSTRLEN];
@@ -2220,6 +2325,9 @@ static void parse_root(vctx *c, const cJSON *root, bw_config *cfg)
                                          "limits",
                                          "shutdown_timeout_ms",
                                          "probes_on_listeners",
+                                         "resolvers",
+                                         "resolver_timeout_ms",
+                                         "resolver_attempts",
                                          NULL};
     char got[96];
 
@@ -2239,6 +2347,11 @@ static void parse_root(vctx *c, const cJSON *root, bw_config *cfg)
     get_u32(c, root, "", "rate_limit_table_size", 16, 1u << 26, &cfg->rate_limit_table_size);
     get_u32(c, root, "", "shutdown_timeout_ms", 0, MAX_MS, &cfg->shutdown_timeout_ms);
     get_bool(c, root, "", "probes_on_listeners", &cfg->probes_on_listeners);
+    cfg->resolver_timeout_ms = 2000;
+    cfg->resolver_attempts = 2;
+    get_u32(c, root, "", "resolver_timeout_ms", 10, 60000, &cfg->resolver_timeout_ms);
+    get_u32(c, root, "", "resolver_attempts", 1, 10, &cfg->resolver_attempts);
+    parse_resolvers(c, root, cfg);
 
     parse_listeners(c, root, cfg);
     parse_admin(c, root, cfg);
@@ -2396,8 +2509,10 @@ void bw_config_free(bw_config *cfg)
     for (size_t i = 0; i < cfg->n_upstreams; i++) {
         bw_upstream_conf *u = &cfg->upstreams[i];
         free(u->name);
-        for (size_t k = 0; k < u->n_servers; k++)
+        for (size_t k = 0; k < u->n_servers; k++) {
             free(u->servers[k].address);
+            free(u->servers[k].host);
+        }
         free(u->servers);
         free(u->health_check.path);
         free(u->health_check.host);
@@ -2415,6 +2530,7 @@ void bw_config_free(bw_config *cfg)
     }
     free(cfg->rate_limits);
     free(cfg->trusted_proxies);
+    free(cfg->resolvers);
     free(cfg->redis.url);
     free(cfg->redis.key_prefix);
     free(cfg->log.error_log);

@@ -255,7 +255,7 @@ static void hc_start_all(bw_health *h)
 {
     size_t n = 0;
     for (size_t i = 0; i < h->cfg->n_upstreams; i++)
-        if (h->cfg->upstreams[i].health_check.enabled)
+        if (h->cfg->upstreams[i].health_check.enabled && !h->cfg->upstreams[i].dynamic)
             n += h->cfg->upstreams[i].n_servers;
     if (n == 0)
         return;
@@ -269,6 +269,11 @@ static void hc_start_all(bw_health *h)
         const bw_upstream_conf *u = &h->cfg->upstreams[i];
         if (!u->health_check.enabled)
             continue;
+        if (u->dynamic) {
+            bw_log_warn(h->log, "upstream %s: health_check is not run for DNS-named servers yet; "
+                                "passive outlier detection still applies", u->name);
+            continue;
+        }
         for (size_t j = 0; j < u->n_servers; j++) {
             hc_target *t = &h->targets[k++];
             t->h = h;

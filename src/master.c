@@ -35,6 +35,7 @@
 #include "breakwater/admin.h"
 #include "breakwater/breaker.h"
 #include "breakwater/health.h"
+#include "breakwater/resolver.h"
 #include "breakwater/probes.h"
 #include "breakwater/redis_sync.h"
 #include "breakwater/shm.h"
@@ -85,7 +86,8 @@ typedef struct bw_master {
     sigset_t sigs;      /* the signals the master takes through sigfd */
     sigset_t orig_mask; /* the mask workers get back */
     struct event *ev_sig, *respawn_timer, *kill_timer;
-    bw_health *health; /* breaker ticks and active checks */
+    bw_health *health;     /* breaker ticks and active checks */
+    bw_resolver *resolver; /* DNS names of upstream servers; NULL when there is none */
 } bw_master;
 
 static int64_t mono_ms(void)
@@ -480,6 +482,17 @@ static void redis_apply(bw_master *m, const bw_config *cfg)
     bw_redis_sync_set_share_when_down(m->redis, cfg->redis.share_when_down);
 }
 
+/* (Re)starts name resolution for a newly bound configuration. The servers last published stay in
+ * shared memory meanwhile, so workers keep a set while the new resolver's first round runs. */
+static void resolver_apply(bw_master *m, const bw_config *cfg)
+{
+    bw_resolver_free(m->resolver);
+    int failed = 0;
+    m->resolver = bw_resolver_new(m->base, &m->shm, cfg, &m->log, &failed);
+    if (failed)
+        bw_log_error(&m->log, "dns: name resolution is not running; named servers get no address");
+}
+
 /* Opens the admin listener for cfg, reusing the running one when the address is unchanged. */
 static int admin_apply(bw_master *m, const bw_config *cfg, char *err, size_t errlen)
 {
@@ -536,6 +549,7 @@ static void reload(bw_master *m)
     bw_diag_free(&diag);
     redis_apply(m, g->cfg);
     bw_health_set_config(m->health, g->cfg);
+    resolver_apply(m, g->cfg);
     bw_generation *old = m->current;
     m->current = g;
     spawn_missing(m);
@@ -681,6 +695,7 @@ int bw_master_run(const char *config_path, bw_config *cfg)
         bw_log_error(&m.log, "cannot start the upstream health timer");
         goto out;
     }
+    resolver_apply(&m, m.current->cfg);
     m.ev_sig = event_new(m.base, m.sigfd, EV_READ | EV_PERSIST, signalfd_cb, &m);
     m.respawn_timer = evtimer_new(m.base, respawn_cb, &m);
     m.kill_timer = evtimer_new(m.base, kill_cb, &m);
@@ -698,6 +713,7 @@ int bw_master_run(const char *config_path, bw_config *cfg)
     rc = 0;
 
 out:
+    bw_resolver_free(m.resolver);
     bw_health_free(m.health);
     if (m.redis)
         bw_redis_sync_free(m.redis);

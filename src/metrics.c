@@ -307,14 +307,32 @@ static void render_servers(const bw_shm *shm, const bw_config *cfg, uint64_t now
     for (size_t i = 0; i < n; i++) {
         const bw_upstream_conf *u = &cfg->upstreams[i];
         const bw_outlier_group *g = bw_shm_servers(shm, u->shm_slot);
-        for (size_t k = 0; g && k < u->n_servers; k++) {
-            int idx = u->servers[k].shm_index;
-            if (idx < 0 || idx >= BW_OUTLIER_MAX_SERVERS)
-                continue;
+        if (g == NULL)
+            continue;
+        uint16_t members[BW_OUTLIER_MAX_SERVERS];
+        int n_members = 0;
+        if (u->dynamic) {
+            n_members = -1;
+            for (int attempt = 0; attempt < 100 && n_members < 0; attempt++) {
+                uint64_t seq = UINT64_MAX;
+                n_members = bw_outlier_members(g, &seq, members);
+            }
+        } else {
+            for (size_t k = 0; k < u->n_servers; k++) {
+                int idx = u->servers[k].shm_index;
+                if (idx >= 0 && idx < BW_OUTLIER_MAX_SERVERS)
+                    members[n_members++] = (uint16_t)idx;
+            }
+        }
+        for (int k = 0; k < n_members; k++) {
+            const bw_outlier_server *rec = &g->servers[members[k]];
+            char key[BW_OUTLIER_KEY_MAX];
+            memcpy(key, rec->key, sizeof(key));
+            key[sizeof(key) - 1] = '\0';
             bw_outlier_view v;
-            bw_outlier_snapshot(&g->servers[idx], now_ms, &v);
+            bw_outlier_snapshot(rec, now_ms, &v);
             open_series(out, healthy, "upstream", u->name);
-            add_label(out, "server", u->servers[k].address);
+            add_label(out, "server", key);
             evbuffer_add_printf(out, "} %d\n", v.healthy ? 1 : 0);
         }
     }

@@ -207,6 +207,50 @@ void bw_outlier_snapshot(const bw_outlier_server *s, uint64_t now_ms, bw_outlier
     out->check_wall_ms = atomic_load_explicit(&s->check_wall_ms, memory_order_relaxed);
 }
 
+int bw_outlier_publish(bw_outlier_group *g, const char *const *keys,
+                       const struct sockaddr_storage *addrs, const uint32_t *addr_lens, size_t n,
+                       uint32_t generation)
+{
+    int idx[BW_OUTLIER_MAX_SERVERS];
+    if (n > BW_OUTLIER_MAX_SERVERS)
+        return -1;
+    uint64_t seq = atomic_load(&g->members_seq);
+    atomic_store(&g->members_seq, seq | 1); /* odd: being written */
+    atomic_thread_fence(memory_order_seq_cst);
+    if (bw_outlier_bind(g, keys, n, generation, idx) < 0) {
+        atomic_store(&g->members_seq, (seq | 1) + 1);
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        bw_outlier_server *s = &g->servers[idx[i]];
+        uint32_t len = addr_lens[i] <= sizeof(s->addr) ? addr_lens[i] : 0;
+        memcpy(&s->addr, &addrs[i], len);
+        s->addr_len = len;
+        atomic_store_explicit(&g->members[i], (uint16_t)idx[i], memory_order_relaxed);
+    }
+    atomic_store_explicit(&g->n_members, (uint32_t)n, memory_order_relaxed);
+    atomic_thread_fence(memory_order_seq_cst);
+    atomic_store(&g->members_seq, (seq | 1) + 1); /* even again, and different */
+    return 0;
+}
+
+int bw_outlier_members(const bw_outlier_group *g, uint64_t *seq, uint16_t *out)
+{
+    uint64_t s1 = atomic_load(&g->members_seq);
+    if ((s1 & 1) || s1 == *seq)
+        return -1;
+    uint32_t n = atomic_load_explicit(&g->n_members, memory_order_relaxed);
+    if (n > BW_OUTLIER_MAX_SERVERS)
+        return -1;
+    for (uint32_t i = 0; i < n; i++)
+        out[i] = atomic_load_explicit(&g->members[i], memory_order_relaxed);
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load(&g->members_seq) != s1)
+        return -1;
+    *seq = s1;
+    return (int)n;
+}
+
 const char *bw_check_result_name(bw_check_result r)
 {
     switch (r) {

@@ -13,9 +13,12 @@
  */
 #include "breakwater/probes.h"
 
+#include <ctype.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+
+#include <event2/dns.h>
 
 #include "breakwater/breaker.h"
 
@@ -133,14 +136,14 @@ int bw_probes_readyz(const bw_shm *shm, const bw_config *cfg, bool draining, uin
 }
 
 /* One server of /upstreams: its address and what its shared health record says. */
-static void server_json(const bw_outlier_group *g, const bw_server_conf *sc, uint64_t mono,
+static void server_json(const bw_outlier_server *rec, const char *address, uint64_t mono,
                         int64_t offset, const char *sep, struct evbuffer *out)
 {
     bw_outlier_view v;
     memset(&v, 0, sizeof(v));
     v.healthy = true;
-    if (g != NULL && sc->shm_index >= 0 && sc->shm_index < BW_OUTLIER_MAX_SERVERS)
-        bw_outlier_snapshot(&g->servers[sc->shm_index], mono, &v);
+    if (rec != NULL)
+        bw_outlier_snapshot(rec, mono, &v);
     char until[112] = "null", check[200] = "null";
     if (v.ejected) {
         char iso[96];
@@ -159,9 +162,80 @@ static void server_json(const bw_outlier_group *g, const bw_server_conf *sc, uin
                         "%s{\"address\":\"%s\",\"healthy\":%s,\"ejected\":%s,\"ejected_until\":%s,"
                         "\"active_requests\":%d,\"consecutive_failures\":%u,\"ejections\":%u,"
                         "\"last_check\":%s}",
-                        sep, sc->address, v.healthy ? "true" : "false",
-                        v.ejected ? "true" : "false", until, (int)v.active_requests,
-                        v.consecutive_failures, v.ejections, check);
+                        sep, address, v.healthy ? "true" : "false", v.ejected ? "true" : "false",
+                        until, (int)v.active_requests, v.consecutive_failures, v.ejections, check);
+}
+
+/* Server keys are "IP:port" written by the master; anything else is not shown as is. */
+static bool safe_key(const char *k)
+{
+    if (k[0] == '\0')
+        return false;
+    for (; *k; k++)
+        if (!isxdigit((unsigned char)*k) && *k != '.' && *k != ':' && *k != '[' && *k != ']')
+            return false;
+    return true;
+}
+
+/* The servers of u: the configured ones, or for a DNS-named upstream the resolved set. */
+static void servers_json(const bw_shm *shm, const bw_upstream_conf *u, uint64_t mono,
+                         int64_t offset, struct evbuffer *out)
+{
+    bw_outlier_group *g = u->shm_slot >= 0 ? bw_shm_servers(shm, u->shm_slot) : NULL;
+    if (!u->dynamic) {
+        for (size_t i = 0; i < u->n_servers; i++) {
+            int k = u->servers[i].shm_index;
+            const bw_outlier_server *rec =
+                g && k >= 0 && k < BW_OUTLIER_MAX_SERVERS ? &g->servers[k] : NULL;
+            server_json(rec, u->servers[i].address, mono, offset, i ? "," : "", out);
+        }
+        return;
+    }
+    if (g == NULL)
+        return;
+    uint16_t idx[BW_OUTLIER_MAX_SERVERS];
+    int n = -1;
+    for (int attempt = 0; attempt < 100 && n < 0; attempt++) {
+        uint64_t seq = UINT64_MAX; /* anything but a published value */
+        n = bw_outlier_members(g, &seq, idx);
+    }
+    for (int i = 0, shown = 0; i < n; i++) {
+        const bw_outlier_server *rec = &g->servers[idx[i]];
+        char key[BW_OUTLIER_KEY_MAX];
+        memcpy(key, rec->key, sizeof(key));
+        key[sizeof(key) - 1] = '\0';
+        if (!safe_key(key))
+            continue;
+        server_json(rec, key, mono, offset, shown++ ? "," : "", out);
+    }
+}
+
+/* DNS state of a DNS-named upstream: ,"dns":{...} (nothing for a literal one). */
+static void dns_json(const bw_shm *shm, const bw_upstream_conf *u, struct evbuffer *out)
+{
+    bw_outlier_group *g = u->shm_slot >= 0 ? bw_shm_servers(shm, u->shm_slot) : NULL;
+    if (!u->dynamic || g == NULL)
+        return;
+    char ok[112] = "null", err[400] = "null";
+    uint64_t ok_ms = atomic_load(&g->dns_ok_wall_ms);
+    if (ok_ms) {
+        char iso[96];
+        bw_probes_iso8601(ok_ms, iso, sizeof(iso));
+        snprintf(ok, sizeof(ok), "\"%s\"", iso);
+    }
+    int code = atomic_load(&g->dns_last_error);
+    uint32_t si = atomic_load(&g->dns_error_server);
+    if (code != 0 && si < u->n_servers) {
+        char iso[96];
+        bw_probes_iso8601(atomic_load(&g->dns_error_wall_ms), iso, sizeof(iso));
+        snprintf(err, sizeof(err), "{\"server\":\"%s\",\"message\":\"%s\",\"time\":\"%s\"}",
+                 u->servers[si].address, evdns_err_to_string(code), iso);
+    }
+    evbuffer_add_printf(out,
+                        ",\"dns\":{\"resolve_interval_ms\":%u,\"resolved_at\":%s,\"errors\":%llu,"
+                        "\"last_error\":%s}",
+                        u->resolve_interval_ms, ok,
+                        (unsigned long long)atomic_load(&g->dns_errors), err);
 }
 
 void bw_probes_upstream_json(const bw_shm *shm, const bw_upstream_conf *u, uint64_t now_ms,
@@ -184,21 +258,22 @@ void bw_probes_upstream_json(const bw_shm *shm, const bw_upstream_conf *u, uint6
     evbuffer_add_printf(out, "{\"name\":\"%s\",\"critical\":%s,\"balance\":\"%s\",\"servers\":[",
                         u->name, u->critical ? "true" : "false",
                         u->balance == BW_BALANCE_LEAST_CONN ? "least_conn" : "round_robin");
-    const bw_outlier_group *g = u->shm_slot >= 0 ? bw_shm_servers(shm, u->shm_slot) : NULL;
-    for (size_t i = 0; i < u->n_servers; i++)
-        server_json(g, &u->servers[i], mono, offset, i ? "," : "", out);
+    bw_outlier_group *g = u->shm_slot >= 0 ? bw_shm_servers(shm, u->shm_slot) : NULL;
+    servers_json(shm, u, mono, offset, out);
     evbuffer_add_printf(
         out,
         "],\"ejections_total\":%llu,"
         "\"circuit_breaker\":{\"state\":\"%s\",\"since\":\"%s\",\"failures\":%u,"
         "\"opened_at\":%s,\"retry_after_ms\":%llu,\"wait_ms\":%llu,\"half_open_permits\":%u,"
-        "\"transitions\":{\"closed\":%llu,\"open\":%llu,\"half_open\":%llu},\"rejected\":%llu}}",
+        "\"transitions\":{\"closed\":%llu,\"open\":%llu,\"half_open\":%llu},\"rejected\":%llu}",
         (unsigned long long)(g ? atomic_load(&g->ejections_total) : 0),
         bw_breaker_state_name(v.state), since, v.failures, opened,
         (unsigned long long)v.retry_after_ms, (unsigned long long)v.wait_ms, v.half_open_permits,
         (unsigned long long)v.transitions[BW_BREAKER_CLOSED],
         (unsigned long long)v.transitions[BW_BREAKER_OPEN],
         (unsigned long long)v.transitions[BW_BREAKER_HALF_OPEN], (unsigned long long)v.rejected);
+    dns_json(shm, u, out);
+    evbuffer_add(out, "}", 1);
 }
 
 void bw_probes_upstreams_json(const bw_shm *shm, const bw_config *cfg, uint64_t now_ms,

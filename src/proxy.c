@@ -897,7 +897,7 @@ static bool build_upstream_head(bw_session *s, bw_exchange *ex, const char *auth
     const bw_http_head *h = &s->req;
     conn_tokens ct;
     collect_conn_tokens(h, &ct);
-    const char *server = ex->pool->servers[0].conf->address;
+    const char *server = ex->pool->conf->servers[0].address;
     size_t server_len = strlen(server);
 
     size_t bound = h->method_len + path_len + 16 + auth_len + server_len + 256 + ex->reqid_len;
@@ -1517,6 +1517,12 @@ static void start_attempt(bw_exchange *ex, bw_server *same, bool allow_reuse)
         bw_server *server =
             same ? same : bw_upstream_pick(ex->pool, ex->server, bw_breaker_now_ms());
         same = NULL;
+        if (server == NULL) {
+            /* A DNS-named upstream with no address yet (or none left). */
+            ex->error = "no servers";
+            send_error(s, 503, "no servers");
+            return;
+        }
         ex->server = server;
         ex->attempts++;
         clock_gettime(CLOCK_MONOTONIC, &ex->t_attempt);

@@ -430,6 +430,12 @@ static int bind_servers(const bw_shm *shm, bw_upstream_conf *u, uint32_t generat
 {
     const char *keys[BW_OUTLIER_MAX_SERVERS];
     int idx[BW_OUTLIER_MAX_SERVERS];
+    if (u->dynamic) {
+        /* Its records follow the resolved set, published by the resolver (src/resolver.c). */
+        for (size_t k = 0; k < u->n_servers; k++)
+            u->servers[k].shm_index = -1;
+        return 0;
+    }
     if (u->n_servers > BW_OUTLIER_MAX_SERVERS)
         return -1;
     for (size_t k = 0; k < u->n_servers; k++)

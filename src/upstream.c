@@ -59,6 +59,15 @@ static void idle_event_cb(struct bufferevent *bev, short what, void *arg)
     upconn_free(c);
 }
 
+static void server_close_idle(bw_server *s)
+{
+    while (s->idle_head) {
+        bw_upconn *c = s->idle_head;
+        idle_unlink(c);
+        upconn_free(c);
+    }
+}
+
 bw_upstream_pool *bw_upstream_pools_new(struct event_base *base, const bw_config *cfg,
                                         const bw_shm *shm)
 {
@@ -69,24 +78,34 @@ bw_upstream_pool *bw_upstream_pools_new(struct event_base *base, const bw_config
         bw_upstream_pool *p = &pools[i];
         p->conf = &cfg->upstreams[i];
         p->base = base;
-        p->n_servers = p->conf->n_servers;
-        p->servers = calloc(p->n_servers ? p->n_servers : 1, sizeof(bw_server));
-        p->health = calloc(p->n_servers ? p->n_servers : 1, sizeof(*p->health));
-        if (!p->servers || !p->health) {
+        p->group = shm && p->conf->shm_slot >= 0 ? bw_shm_servers(shm, p->conf->shm_slot) : NULL;
+        size_t cap = p->conf->dynamic ? BW_OUTLIER_MAX_SERVERS : p->conf->n_servers;
+        p->list = calloc(cap ? cap : 1, sizeof(*p->list));
+        p->health = calloc(cap ? cap : 1, sizeof(*p->health));
+        if (p->conf->dynamic)
+            p->by_record = calloc(BW_OUTLIER_MAX_SERVERS, sizeof(*p->by_record));
+        else
+            p->servers = calloc(cap ? cap : 1, sizeof(bw_server));
+        if (!p->list || !p->health || !(p->by_record || p->servers)) {
             bw_upstream_pools_free(pools, i + 1);
             return NULL;
         }
-        p->group = shm && p->conf->shm_slot >= 0 ? bw_shm_servers(shm, p->conf->shm_slot) : NULL;
-        for (size_t j = 0; j < p->n_servers; j++) {
-            p->servers[j].conf = &p->conf->servers[j];
-            p->servers[j].pool = p;
-            int k = p->conf->servers[j].shm_index;
-            if (p->group && k >= 0 && k < BW_OUTLIER_MAX_SERVERS)
-                p->servers[j].health = &p->group->servers[k];
-            p->health[j] = p->servers[j].health;
+        if (!p->conf->dynamic) {
+            p->n_servers = p->conf->n_servers;
+            for (size_t j = 0; j < p->n_servers; j++) {
+                bw_server *sv = &p->servers[j];
+                sv->conf = &p->conf->servers[j];
+                sv->pool = p;
+                sv->member = true;
+                int k = p->conf->servers[j].shm_index;
+                if (p->group && k >= 0 && k < BW_OUTLIER_MAX_SERVERS)
+                    sv->health = &p->group->servers[k];
+                p->list[j] = sv;
+                p->health[j] = sv->health;
+            }
+            if (!p->group || (p->n_servers && !p->health[0]))
+                p->group = NULL; /* all or nothing: the cap must see every server */
         }
-        if (!p->group || (p->n_servers && !p->health[0]))
-            p->group = NULL; /* all or nothing: the cap must see every server */
         uint32_t ms[3] = {p->conf->connect_timeout_ms, p->conf->response_timeout_ms,
                           p->conf->keepalive_timeout_ms};
         const struct timeval **dst[3] = {&p->tv_connect, &p->tv_response, &p->tv_keepalive};
@@ -101,18 +120,23 @@ bw_upstream_pool *bw_upstream_pools_new(struct event_base *base, const bw_config
     return pools;
 }
 
+/* Every server the pool has, members or draining, for f. */
+static void pool_each(bw_upstream_pool *p, void (*f)(bw_server *))
+{
+    if (p->by_record) {
+        for (size_t k = 0; k < BW_OUTLIER_MAX_SERVERS; k++)
+            if (p->by_record[k])
+                f(p->by_record[k]);
+    } else if (p->servers) {
+        for (size_t j = 0; j < p->n_servers; j++)
+            f(&p->servers[j]);
+    }
+}
+
 void bw_upstream_pools_close_idle(bw_upstream_pool *pools, size_t n)
 {
-    for (size_t i = 0; i < n; i++) {
-        for (size_t j = 0; j < pools[i].n_servers; j++) {
-            bw_server *s = &pools[i].servers[j];
-            while (s->idle_head) {
-                bw_upconn *c = s->idle_head;
-                idle_unlink(c);
-                upconn_free(c);
-            }
-        }
-    }
+    for (size_t i = 0; i < n; i++)
+        pool_each(&pools[i], server_close_idle);
 }
 
 void bw_upstream_pools_free(bw_upstream_pool *pools, size_t n)
@@ -121,10 +145,87 @@ void bw_upstream_pools_free(bw_upstream_pool *pools, size_t n)
         return;
     bw_upstream_pools_close_idle(pools, n);
     for (size_t i = 0; i < n; i++) {
+        if (pools[i].by_record) {
+            for (size_t k = 0; k < BW_OUTLIER_MAX_SERVERS; k++)
+                free(pools[i].by_record[k]);
+        }
+        free(pools[i].by_record);
         free(pools[i].servers);
+        free(pools[i].list);
         free(pools[i].health);
     }
     free(pools);
+}
+
+/*
+ * DNS-named upstreams: copies the set the master published when it changed. A server keeps its
+ * bw_server (and idle connections) while its record keeps its address; one that left the set is
+ * drained: its idle connections close now, connections in use close when their exchange ends.
+ * The bw_server objects are one per shared record and live as long as the pool, so exchanges
+ * and connections never point at freed memory, and churn in DNS costs no memory.
+ */
+static void pool_refresh(bw_upstream_pool *p)
+{
+    bw_outlier_group *g = p->group;
+    if (g == NULL || atomic_load_explicit(&g->members_seq, memory_order_relaxed) == p->members_seq)
+        return;
+    uint16_t idx[BW_OUTLIER_MAX_SERVERS];
+    uint64_t seq = p->members_seq;
+    int n = bw_outlier_members(g, &seq, idx);
+    if (n < 0)
+        return;
+    struct sockaddr_storage addrs[BW_OUTLIER_MAX_SERVERS];
+    uint32_t lens[BW_OUTLIER_MAX_SERVERS];
+    char keys[BW_OUTLIER_MAX_SERVERS][BW_OUTLIER_KEY_MAX];
+    for (int i = 0; i < n; i++) {
+        const bw_outlier_server *rec = &g->servers[idx[i]];
+        lens[i] = rec->addr_len <= sizeof(addrs[i]) ? rec->addr_len : 0;
+        memcpy(&addrs[i], &rec->addr, lens[i]);
+        memcpy(keys[i], rec->key, BW_OUTLIER_KEY_MAX);
+        keys[i][BW_OUTLIER_KEY_MAX - 1] = '\0';
+    }
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load(&g->members_seq) != seq)
+        return; /* rewritten while copying: next pick tries again */
+    for (size_t i = 0; i < p->n_servers; i++)
+        p->list[i]->member = false;
+    size_t m = 0;
+    for (int i = 0; i < n; i++) {
+        if (lens[i] == 0)
+            continue;
+        bw_server *sv = p->by_record[idx[i]];
+        if (sv == NULL) {
+            sv = calloc(1, sizeof(*sv));
+            if (sv == NULL)
+                continue;
+            sv->pool = p;
+            sv->conf = &sv->dyn_conf;
+            sv->dyn_conf.address = sv->dyn_address;
+            sv->dyn_conf.shm_index = idx[i];
+            sv->health = &g->servers[idx[i]];
+            p->by_record[idx[i]] = sv;
+        }
+        if (strcmp(sv->dyn_address, keys[i]) != 0 || sv->dyn_conf.addr.len != lens[i] ||
+            memcmp(&sv->dyn_conf.addr.ss, &addrs[i], lens[i]) != 0) {
+            /* The record now stands for another address: its idle connections go elsewhere. */
+            server_close_idle(sv);
+            memcpy(sv->dyn_address, keys[i], BW_OUTLIER_KEY_MAX);
+            memset(&sv->dyn_conf.addr, 0, sizeof(sv->dyn_conf.addr));
+            memcpy(&sv->dyn_conf.addr.ss, &addrs[i], lens[i]);
+            sv->dyn_conf.addr.len = (socklen_t)lens[i];
+        }
+        sv->member = true;
+        p->list[m] = sv;
+        p->health[m] = sv->health;
+        m++;
+    }
+    for (size_t k = 0; k < BW_OUTLIER_MAX_SERVERS; k++) {
+        bw_server *sv = p->by_record[k];
+        if (sv && !sv->member)
+            server_close_idle(sv); /* left the set: drained */
+    }
+    p->n_servers = m;
+    p->members_seq = seq;
 }
 
 static bool server_usable(const bw_server *s, uint64_t now_ms)
@@ -140,7 +241,7 @@ static bw_server *pick_among(bw_upstream_pool *pool, const bw_server *avoid, uin
     size_t start = pool->rr_next++ % n;
     bw_server *best = NULL, *avoided = NULL;
     for (size_t k = 0; k < n; k++) {
-        bw_server *s = &pool->servers[(start + k) % n];
+        bw_server *s = pool->list[(start + k) % n];
         if (healthy_only && !server_usable(s, now_ms))
             continue;
         if (s == avoid) {
@@ -158,6 +259,8 @@ static bw_server *pick_among(bw_upstream_pool *pool, const bw_server *avoid, uin
 
 bw_server *bw_upstream_pick(bw_upstream_pool *pool, const bw_server *avoid, uint64_t now_ms)
 {
+    if (pool->by_record)
+        pool_refresh(pool);
     if (pool->n_servers == 0)
         return NULL;
     bw_server *s = pick_among(pool, avoid, now_ms, true);
@@ -247,7 +350,7 @@ void bw_upstream_release(bw_upconn *c)
     if (s->health)
         bw_outlier_active(s->health, -1);
     c->owner = NULL;
-    if (s->n_idle >= uc->keepalive_max_idle ||
+    if (!s->member || s->n_idle >= uc->keepalive_max_idle ||
         evbuffer_get_length(bufferevent_get_input(c->bev)) > 0 ||
         evbuffer_get_length(bufferevent_get_output(c->bev)) > 0) {
         upconn_free(c);

@@ -89,6 +89,8 @@ typedef struct bw_server_conf {
     bw_sockaddr addr;
     uint32_t weight; /* reserved for weighted balancing; default 1 */
     int shm_index;   /* assigned by bw_shm_bind(): its per-server health record */
+    char *host;      /* a DNS name to resolve (addr unset), or NULL for an IP literal */
+    uint16_t port;   /* with host: the port every resolved address gets */
 } bw_server_conf;
 
 /* Passive outlier detection ("outlier_detection"); consecutive_failures 0 turns it off. */
@@ -122,6 +124,8 @@ typedef struct bw_upstream_conf {
     uint32_t keepalive_max_idle;  /* idle pooled connections per server per worker; default 32 */
     uint32_t keepalive_timeout_ms; /* idle pooled connection lifetime; default 60000 */
     uint32_t retries;              /* extra attempts on another server; default 1 */
+    uint32_t resolve_interval_ms;  /* re-resolution of server names; default 5000 */
+    bool dynamic;                  /* some server is a DNS name: the set comes from the resolver */
     bw_breaker_conf breaker;
     bw_outlier_conf outlier;
     bw_health_check_conf health_check;
@@ -216,6 +220,10 @@ typedef struct bw_config {
     bw_limits_conf limits;
     uint32_t shutdown_timeout_ms; /* default 10000 */
     bool probes_on_listeners;     /* default true */
+    bw_sockaddr *resolvers;       /* "resolvers": replace /etc/resolv.conf's nameservers */
+    size_t n_resolvers;
+    uint32_t resolver_timeout_ms; /* per DNS attempt; default 2000 */
+    uint32_t resolver_attempts;   /* per query; default 2 */
 } bw_config;
 
 /* Environment lookup, injectable for tests (NULL means getenv). */
@@ -234,6 +242,14 @@ bw_config *bw_config_parse(const char *text, size_t len, const char *path, bw_ge
                            bw_diag *diag);
 
 void bw_config_free(bw_config *cfg);
+
+/*
+ * Parses "name:port" where name is a DNS host name (letters, digits, '-', '_', dots; labels of
+ * 1..63, at most 253 in all). Writes the name (NUL-terminated, at most hostlen - 1) and the port.
+ * Returns 0, or -1 with a reason in err.
+ */
+int bw_server_name_parse(const char *text, char *host, size_t hostlen, uint16_t *port, char *err,
+                         size_t errlen);
 
 /* Index of the upstream with this name, or -1. */
 int bw_config_find_upstream(const bw_config *cfg, const char *name);

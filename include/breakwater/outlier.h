@@ -18,6 +18,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
 
 #include "breakwater/config.h"
 
@@ -53,6 +54,10 @@ typedef struct bw_outlier_server {
     _Atomic int32_t check_status;               /* its HTTP status, 0 when there was none */
     _Atomic uint64_t check_wall_ms;             /* when it finished, wall clock */
     _Atomic uint32_t check_passes, check_fails; /* in a row */
+    /* The address to connect to, for upstreams whose servers come from DNS (written by the
+     * master before the record becomes a member; read under the group's members_seq). */
+    struct sockaddr_storage addr;
+    uint32_t addr_len;
 } bw_outlier_server;
 
 /* An upstream's servers and their counters (part of its shared-memory slot). */
@@ -60,6 +65,19 @@ typedef struct bw_outlier_group {
     _Atomic uint64_t ejections_total;
     _Atomic uint64_t checks_pass, checks_fail;
     _Atomic uint64_t dns_errors;
+    /* Resolution state of a DNS-named upstream, written by the master. */
+    _Atomic int32_t dns_last_error;    /* evdns DNS_ERR_* of the last failed lookup, 0 none */
+    _Atomic uint32_t dns_error_server; /* index in the upstream's "servers" of that name */
+    _Atomic uint64_t dns_error_wall_ms;
+    _Atomic uint64_t dns_ok_wall_ms; /* last resolution round that succeeded */
+    /*
+     * The current server set of a DNS-named upstream: record indices, published by the master
+     * like a seqlock. members_seq is odd while the master rewrites the set; a reader copies
+     * the set between two equal even values of it, and keeps its previous copy otherwise.
+     */
+    _Atomic uint64_t members_seq;
+    _Atomic uint32_t n_members;
+    _Atomic uint16_t members[BW_OUTLIER_MAX_SERVERS];
     bw_outlier_server servers[BW_OUTLIER_MAX_SERVERS];
 } bw_outlier_group;
 
@@ -116,6 +134,22 @@ bool bw_outlier_check_done(bw_outlier_server *s, const bw_health_check_conf *c, 
                            bw_check_result result, int status, uint64_t wall_ms);
 
 void bw_outlier_snapshot(const bw_outlier_server *s, uint64_t now_ms, bw_outlier_view *out);
+
+/*
+ * Master: publishes a DNS-named upstream's server set: n addresses with their keys ("IP:port").
+ * Records are bound by key as bw_outlier_bind() does, so a server that stays keeps its state.
+ * Returns 0, or -1 when n exceeds the table.
+ */
+int bw_outlier_publish(bw_outlier_group *g, const char *const *keys,
+                       const struct sockaddr_storage *addrs, const uint32_t *addr_lens, size_t n,
+                       uint32_t generation);
+
+/*
+ * Reader: copies the published set into out (record indices, at most BW_OUTLIER_MAX_SERVERS)
+ * when it is stable and differs from *seq. Returns the number of members copied and updates
+ * *seq, or -1 when there is nothing new (or the master is writing: try again later).
+ */
+int bw_outlier_members(const bw_outlier_group *g, uint64_t *seq, uint16_t *out);
 
 /* "pass", "status", "connect", "timeout", "invalid", "too_large", "tls", "none". */
 const char *bw_check_result_name(bw_check_result r);

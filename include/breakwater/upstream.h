@@ -41,13 +41,20 @@ struct bw_server {
     uint32_t n_idle;
     uint32_t active; /* connections in use by this worker (least_conn) */
     bw_outlier_server *health; /* its shared health record; NULL without a shared region */
+    bool member;               /* in the pool's current set; false: draining, never pooled */
+    /* DNS-named upstreams: the resolved address this server stands for (conf points here). */
+    bw_server_conf dyn_conf;
+    char dyn_address[BW_OUTLIER_KEY_MAX];
 };
 
 struct bw_upstream_pool {
     const bw_upstream_conf *conf;
     struct event_base *base;
-    bw_server *servers;
+    bw_server *servers; /* literal servers, in configuration order */
+    bw_server **list;   /* the current set, in balancing order (n_servers of them) */
     size_t n_servers;
+    bw_server **by_record; /* DNS-named: one server per shared record, made on first use */
+    uint64_t members_seq;  /* DNS-named: the published set last copied */
     uint32_t rr_next;
     bw_outlier_group *group;      /* the upstream's shared server records (NULL: none) */
     bw_outlier_server **health;   /* servers[i].health, as the array the ejection cap reads */
