@@ -396,9 +396,13 @@ static void send_local(bw_session *s, int status, const char *body, const char *
     struct evbuffer *out = bufferevent_get_output(s->bev);
     char json[256];
     if (!body) {
+        /* 503 means an open breaker, except for a DNS-named upstream with no address. */
+        const char *reason = status == 503 && ex->error && strcmp(ex->error, "no servers") == 0
+                                 ? ex->error
+                                 : error_reason(status);
         if (ex->pool)
-            snprintf(json, sizeof(json), "{\"error\":\"%s\",\"upstream\":\"%s\"}\n",
-                     error_reason(status), ex->pool->conf->name);
+            snprintf(json, sizeof(json), "{\"error\":\"%s\",\"upstream\":\"%s\"}\n", reason,
+                     ex->pool->conf->name);
         else
             snprintf(json, sizeof(json), "{\"error\":\"%s\"}\n", error_reason(status));
         body = json;
