@@ -1743,6 +1743,48 @@ static void parse_health_check(vctx *c, const cJSON *ub, const char *up, bw_heal
     }
 }
 
+static void parse_upstream_tls(vctx *c, const cJSON *ub, const char *up, bw_upstream_tls_conf *t)
+{
+    static const char *const fields[] = {"verify", "ca", "server_name", "cert", "key", NULL};
+    char p[PATH_LEN], ap[PATH_LEN];
+    memset(t, 0, sizeof(*t));
+    t->verify = true;
+    path_key(p, sizeof p, up, "tls");
+    const cJSON *o = get_object(c, ub, up, "tls", false);
+    if (o == NULL)
+        return;
+    t->enabled = true;
+    check_fields(c, o, p, fields);
+    get_bool(c, o, p, "verify", &t->verify);
+    const char *names[3] = {"ca", "cert", "key"};
+    char **dst[3] = {&t->ca, &t->cert, &t->key};
+    for (int i = 0; i < 3; i++) {
+        const char *v = get_string(c, o, p, names[i], false);
+        if (v == NULL)
+            continue;
+        *dst[i] = resolve_path(c, v);
+        path_key(ap, sizeof ap, p, names[i]);
+        if (*dst[i] != NULL)
+            check_tls_file(c, ap, *dst[i]);
+    }
+    if ((t->cert == NULL) != (t->key == NULL)) {
+        path_key(ap, sizeof ap, p, t->cert ? "key" : "cert");
+        verr(c, t->cert ? p : p, "mutual TLS needs both \"cert\" and \"key\"");
+    }
+    const char *sn = get_string(c, o, p, "server_name", false);
+    if (sn != NULL) {
+        char host[256], why[128];
+        uint16_t port;
+        char probe[300];
+        snprintf(probe, sizeof probe, "%s:1", sn);
+        path_key(ap, sizeof ap, p, "server_name");
+        if (bw_server_name_parse(probe, host, sizeof host, &port, why, sizeof why) < 0)
+            verr(c, ap, "must be a host name, got \"%s\": %s", sn, why);
+        else
+            t->server_name = vstrdup(c, sn);
+    }
+}
+
 static void parse_upstream(vctx *c, const cJSON *u, const char *up, bw_upstream_conf *uc)
 {
     static const char *const fields[] = {"servers",
@@ -1757,6 +1799,7 @@ static void parse_upstream(vctx *c, const cJSON *u, const char *up, bw_upstream_
                                          "outlier_detection",
                                          "health_check",
                                          "resolve_interval_ms",
+                                         "tls",
                                          NULL};
     char sp[PATH_LEN], ip[PATH_LEN], got[96], why[256];
 
@@ -1792,6 +1835,7 @@ static void parse_upstream(vctx *c, const cJSON *u, const char *up, bw_upstream_
     parse_breaker(c, u, up, &uc->breaker);
     parse_outlier(c, u, up, &uc->outlier);
     parse_health_check(c, u, up, &uc->health_check);
+    parse_upstream_tls(c, u, up, &uc->tls);
 
     const cJSON *servers = field(u, "servers");
     path_key(sp, sizeof sp, up, "servers");
@@ -2516,6 +2560,10 @@ void bw_config_free(bw_config *cfg)
         free(u->servers);
         free(u->health_check.path);
         free(u->health_check.host);
+        free(u->tls.ca);
+        free(u->tls.server_name);
+        free(u->tls.cert);
+        free(u->tls.key);
     }
     free(cfg->upstreams);
     for (size_t i = 0; i < cfg->n_routes; i++) {

@@ -19,6 +19,7 @@
 #include <time.h>
 
 #include <event2/dns.h>
+#include <openssl/x509.h>
 
 #include "breakwater/breaker.h"
 
@@ -158,12 +159,22 @@ static void server_json(const bw_outlier_server *rec, const char *address, uint6
         snprintf(check, sizeof(check), "{\"result\":\"%s\",\"status\":%s,\"time\":\"%s\"}",
                  bw_check_result_name(v.check_result), status, iso);
     }
+    char tls[300] = "null";
+    int te = rec ? atomic_load_explicit(&rec->tls_error, memory_order_relaxed) : 0;
+    if (te != 0) {
+        char iso[96];
+        bw_probes_iso8601(atomic_load(&rec->tls_error_wall_ms), iso, sizeof(iso));
+        snprintf(tls, sizeof(tls), "{\"message\":\"%s%s\",\"time\":\"%s\"}",
+                 te > 0 ? "certificate verify failed: " : "TLS handshake failed",
+                 te > 0 ? X509_verify_cert_error_string(te) : "", iso);
+    }
     evbuffer_add_printf(out,
                         "%s{\"address\":\"%s\",\"healthy\":%s,\"ejected\":%s,\"ejected_until\":%s,"
                         "\"active_requests\":%d,\"consecutive_failures\":%u,\"ejections\":%u,"
-                        "\"last_check\":%s}",
+                        "\"last_check\":%s,\"tls_error\":%s}",
                         sep, address, v.healthy ? "true" : "false", v.ejected ? "true" : "false",
-                        until, (int)v.active_requests, v.consecutive_failures, v.ejections, check);
+                        until, (int)v.active_requests, v.consecutive_failures, v.ejections, check,
+                        tls);
 }
 
 /* Server keys are "IP:port" written by the master; anything else is not shown as is. */

@@ -48,6 +48,7 @@
 #include "breakwater/ratelimit.h"
 #include "breakwater/shm.h"
 #include "breakwater/upstream.h"
+#include "breakwater/upstream_tls.h"
 
 /* -Dinstrumentation=false builds (for measuring their cost only) skip breakers and metrics. */
 #ifdef BW_NO_INSTRUMENTATION
@@ -1494,10 +1495,32 @@ static void up_read_cb(struct bufferevent *bev, void *arg);
 static void up_write_cb(struct bufferevent *bev, void *arg);
 static void up_event_cb(struct bufferevent *bev, short what, void *arg);
 
+/* A TLS upstream refused or failed the handshake: one clear line, and the reason kept in the
+ * server's record for /upstreams. */
+static void upstream_tls_failed(bw_exchange *ex, unsigned long e)
+{
+    bw_upconn *uc = ex->uc;
+    SSL *ssl = bufferevent_openssl_get_ssl(uc->bev);
+    if (ssl == NULL ||
+        (e == 0 && SSL_get_verify_result(ssl) == X509_V_OK && SSL_get_state(ssl) == TLS_ST_BEFORE))
+        return; /* the TCP connect itself failed: nothing TLS to say */
+    char why[300];
+    int code = bw_upstream_tls_failure(ssl, e, why, sizeof(why));
+    bw_log_warn(ex->s->w->log, "upstream %s: server %s: %s", ex->pool->conf->name,
+                ex->server->conf->address, why);
+    if (ex->server->health) {
+        atomic_store(&ex->server->health->tls_error, code > 0 ? code : -1);
+        atomic_store(&ex->server->health->tls_error_wall_ms, (uint64_t)wall_ms());
+    }
+}
+
 static void upstream_connected(bw_exchange *ex)
 {
     bw_upconn *uc = ex->uc;
     uc->connected = true;
+    if (ex->pool->tls_ctx && ex->server->health &&
+        atomic_load_explicit(&ex->server->health->tls_error, memory_order_relaxed) != 0)
+        atomic_store(&ex->server->health->tls_error, 0);
     if (ex->connect_ms < 0)
         ex->connect_ms = ms_since(&ex->t_attempt);
     const struct timeval *rt = ex->pool->tv_response;
@@ -1535,7 +1558,9 @@ static void start_attempt(bw_exchange *ex, bw_server *same, bool allow_reuse)
         if (uc)
             break;
         bw_log_warn(s->w->log, "upstream %s: cannot connect to %s: %s", ex->pool->conf->name,
-                    server->conf->address, strerror(errno ? errno : ECONNREFUSED));
+                    server->conf->address,
+                    ex->pool->tls_error[0] ? ex->pool->tls_error
+                                           : strerror(errno ? errno : ECONNREFUSED));
         /* A connect that fails at once (EMFILE, EADDRNOTAVAIL, ENETUNREACH) is a connect
          * failure like a refused one: counted, and owed to the breaker if it is the last. */
         if (BW_INSTRUMENTED)
@@ -1659,8 +1684,17 @@ static void up_event_cb(struct bufferevent *bev, short what, void *arg)
         return;
     }
     if (!uc->connected) {
+        if (ex->pool->tls_ctx)
+            upstream_tls_failed(ex, bufferevent_get_openssl_error(uc->bev));
         upstream_failed(ex, UF_CONNECT);
         return;
+    }
+    if (ex->pool->tls_ctx && (what & BEV_EVENT_ERROR)) {
+        /* TLS 1.3 finishes the client's handshake before the server judges the client
+         * certificate: its refusal arrives as an alert on the first read. */
+        unsigned long e = bufferevent_get_openssl_error(uc->bev);
+        if (e != 0)
+            upstream_tls_failed(ex, e);
     }
     if ((what & BEV_EVENT_EOF) && ex->rstate == RS_BODY && ex->resp_framing == BW_BODY_CLOSE) {
         /* Let the read path take what is buffered, then end the body. */

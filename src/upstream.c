@@ -19,6 +19,10 @@
 #include <unistd.h>
 
 #include <event2/buffer.h>
+#include <event2/bufferevent_ssl.h>
+#include <openssl/ssl.h>
+
+#include "breakwater/upstream_tls.h"
 
 static void idle_unlink(bw_upconn *c)
 {
@@ -90,6 +94,8 @@ bw_upstream_pool *bw_upstream_pools_new(struct event_base *base, const bw_config
             bw_upstream_pools_free(pools, i + 1);
             return NULL;
         }
+        if (p->conf->tls.enabled)
+            p->tls_ctx = bw_upstream_tls_ctx_new(p->conf, p->tls_error, sizeof(p->tls_error));
         if (!p->conf->dynamic) {
             p->n_servers = p->conf->n_servers;
             for (size_t j = 0; j < p->n_servers; j++) {
@@ -153,6 +159,8 @@ void bw_upstream_pools_free(bw_upstream_pool *pools, size_t n)
         free(pools[i].servers);
         free(pools[i].list);
         free(pools[i].health);
+        if (pools[i].tls_ctx)
+            SSL_CTX_free(pools[i].tls_ctx);
     }
     free(pools);
 }
@@ -311,6 +319,27 @@ static bw_upconn *connect_new(bw_server *server)
         upconn_free(c);
         errno = saved ? saved : ECONNREFUSED;
         return NULL;
+    }
+    if (pool->conf->tls.enabled) {
+        /* TLS rides on the TCP bufferevent as a filter: the handshake starts once the connect
+         * completes, and the caller sees BEV_EVENT_CONNECTED only after it. */
+        SSL *ssl = pool->tls_ctx ? bw_upstream_tls_ssl_new(pool->tls_ctx, pool->conf, server->conf)
+                                 : NULL;
+        struct bufferevent *tls =
+            ssl ? bufferevent_openssl_filter_new(pool->base, c->bev, ssl,
+                                                 BUFFEREVENT_SSL_CONNECTING, BEV_OPT_CLOSE_ON_FREE)
+                : NULL;
+        if (tls == NULL) {
+            if (ssl)
+                SSL_free(ssl);
+            upconn_free(c);
+            errno = EPROTO;
+            return NULL;
+        }
+        c->bev = tls;
+        bufferevent_set_max_single_read(c->bev, 65536);
+        bufferevent_set_max_single_write(c->bev, 65536);
+        bufferevent_set_timeouts(c->bev, NULL, pool->tv_connect);
     }
     return c;
 }

@@ -101,6 +101,15 @@ typedef struct bw_outlier_conf {
     uint32_t max_ejection_percent; /* default 50; at least one server always stays in */
 } bw_outlier_conf;
 
+/* TLS to an upstream ("tls" on an upstream); absent = plain TCP. */
+typedef struct bw_upstream_tls_conf {
+    bool enabled;
+    bool verify;       /* default true: the certificate must chain to ca and match server_name */
+    char *ca;          /* PEM bundle; NULL = the system's default trust store */
+    char *server_name; /* SNI and the name verified; NULL = the host of each server */
+    char *cert, *key;  /* client certificate for mutual TLS (both or neither) */
+} bw_upstream_tls_conf;
+
 /* Active health checks ("health_check"); absent = enabled false. */
 typedef struct bw_health_check_conf {
     bool enabled;
@@ -129,6 +138,7 @@ typedef struct bw_upstream_conf {
     bw_breaker_conf breaker;
     bw_outlier_conf outlier;
     bw_health_check_conf health_check;
+    bw_upstream_tls_conf tls;
     int shm_slot; /* assigned by bw_shm_bind(): breaker and counters slot */
 } bw_upstream_conf;
 

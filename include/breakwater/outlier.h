@@ -58,6 +58,10 @@ typedef struct bw_outlier_server {
      * master before the record becomes a member; read under the group's members_seq). */
     struct sockaddr_storage addr;
     uint32_t addr_len;
+    /* Upstream TLS: the last handshake failure (X509 verification code, or -1 for another
+     * TLS error; 0 once a handshake succeeds again) and when it happened (wall clock). */
+    _Atomic int32_t tls_error;
+    _Atomic uint64_t tls_error_wall_ms;
 } bw_outlier_server;
 
 /* An upstream's servers and their counters (part of its shared-memory slot). */

@@ -55,6 +55,8 @@ struct bw_upstream_pool {
     size_t n_servers;
     bw_server **by_record; /* DNS-named: one server per shared record, made on first use */
     uint64_t members_seq;  /* DNS-named: the published set last copied */
+    struct ssl_ctx_st *tls_ctx; /* "tls": the client context; NULL for plain TCP or on error */
+    char tls_error[256];        /* why tls_ctx could not be built ("" when it was) */
     uint32_t rr_next;
     bw_outlier_group *group;      /* the upstream's shared server records (NULL: none) */
     bw_outlier_server **health;   /* servers[i].health, as the array the ejection cap reads */
