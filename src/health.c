@@ -20,6 +20,7 @@
  */
 #include "breakwater/health.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -34,10 +35,13 @@
 /* One server's active check. */
 typedef struct hc_target {
     bw_health *h;
-    size_t up, srv;          /* indices into cfg->upstreams and its servers */
-    struct event *every;     /* the interval timer */
-    struct event *deadline;  /* timeout_ms of the check in flight */
-    struct bufferevent *bev; /* the check in flight, NULL between checks */
+    size_t up;                      /* index into cfg->upstreams */
+    int rec;                        /* the server's record in the upstream's shared table */
+    char label[BW_OUTLIER_KEY_MAX]; /* its address as shown ("10.0.0.7:8080") */
+    bw_sockaddr addr;               /* where to connect */
+    struct event *every;            /* the interval timer */
+    struct event *deadline;         /* timeout_ms of the check in flight */
+    struct bufferevent *bev;        /* the check in flight, NULL between checks */
     bool connected;
 } hc_target;
 
@@ -109,27 +113,26 @@ static void hc_finish(hc_target *t, bw_check_result r, int status)
     }
     evtimer_del(t->deadline);
     const bw_upstream_conf *u = &h->cfg->upstreams[t->up];
-    const bw_server_conf *sc = &u->servers[t->srv];
     bw_outlier_group *g = bw_shm_servers(h->shm, u->shm_slot);
-    if (g == NULL || sc->shm_index < 0 || sc->shm_index >= BW_OUTLIER_MAX_SERVERS)
+    if (g == NULL || t->rec < 0 || t->rec >= BW_OUTLIER_MAX_SERVERS)
         return;
     bool passed = r == BW_CHECK_PASS;
     atomic_fetch_add_explicit(passed ? &g->checks_pass : &g->checks_fail, 1, memory_order_relaxed);
-    bw_outlier_server *rec = &g->servers[sc->shm_index];
+    bw_outlier_server *rec = &g->servers[t->rec];
     char st[24] = "";
     if (status > 0)
         snprintf(st, sizeof(st), " (status %d)", status);
     if (bw_outlier_check_done(rec, &u->health_check, passed, r, status, bw_probes_wall_ms())) {
         if (passed)
             bw_log_info(h->log, "upstream %s: server %s is healthy again: %u health checks passed",
-                        u->name, sc->address, u->health_check.healthy_threshold);
+                        u->name, t->label, u->health_check.healthy_threshold);
         else
             bw_log_warn(h->log,
                         "upstream %s: server %s is unhealthy: health check %s %s%s, %u in a row",
-                        u->name, sc->address, u->health_check.path, hc_result_text(r), st,
+                        u->name, t->label, u->health_check.path, hc_result_text(r), st,
                         u->health_check.unhealthy_threshold);
     } else if (!passed) {
-        bw_log_debug(h->log, "upstream %s: server %s: health check %s %s%s", u->name, sc->address,
+        bw_log_debug(h->log, "upstream %s: server %s: health check %s %s%s", u->name, t->label,
                      u->health_check.path, hc_result_text(r), st);
     }
     if (!passed)
@@ -139,7 +142,7 @@ static void hc_finish(hc_target *t, bw_check_result r, int status)
                                 bw_breaker_now_ms(), &tr)) {
         char what[160];
         bw_breaker_describe(&tr, what, sizeof(what));
-        bw_log_info(h->log, "breaker %s: %s (health check of %s)", u->name, what, sc->address);
+        bw_log_info(h->log, "breaker %s: %s (health check of %s)", u->name, what, t->label);
     }
 }
 
@@ -204,7 +207,6 @@ static void hc_start(hc_target *t)
     if (t->bev != NULL)
         return; /* the previous check is still running (timeout_ms > interval_ms) */
     const bw_upstream_conf *u = &h->cfg->upstreams[t->up];
-    const bw_server_conf *sc = &u->servers[t->srv];
     const bw_health_check_conf *c = &u->health_check;
     t->connected = false;
     struct timeval tv = {c->timeout_ms / 1000, (c->timeout_ms % 1000) * 1000};
@@ -219,10 +221,10 @@ static void hc_start(hc_target *t)
     evbuffer_add_printf(bufferevent_get_output(t->bev),
                         "GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: breakwater-health-check\r\n"
                         "Connection: close\r\n\r\n",
-                        c->path, c->host ? c->host : sc->address);
+                        c->path, c->host ? c->host : t->label);
     bufferevent_enable(t->bev, EV_READ | EV_WRITE);
-    if (bufferevent_socket_connect(t->bev, (const struct sockaddr *)&sc->addr.ss,
-                                   (int)sc->addr.len) < 0)
+    if (t->addr.len == 0 || bufferevent_socket_connect(t->bev, (const struct sockaddr *)&t->addr.ss,
+                                                       (int)t->addr.len) < 0)
         hc_finish(t, BW_CHECK_CONNECT, 0); /* failed at once: EMFILE, ENETUNREACH, ... */
 }
 
@@ -231,6 +233,40 @@ static void hc_every_cb(evutil_socket_t fd, short what, void *arg)
     (void)fd;
     (void)what;
     hc_start(arg);
+}
+
+/*
+ * DNS-named upstreams: one target per shared record, and one timer for the upstream that checks
+ * every server of the currently published set (copied under members_seq, like the workers do).
+ */
+static void hc_dynamic_cb(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    hc_target *first = arg; /* targets[first..first + BW_OUTLIER_MAX_SERVERS) of one upstream */
+    bw_health *h = first->h;
+    const bw_upstream_conf *u = &h->cfg->upstreams[first->up];
+    bw_outlier_group *g = bw_shm_servers(h->shm, u->shm_slot);
+    if (g == NULL)
+        return;
+    uint16_t idx[BW_OUTLIER_MAX_SERVERS];
+    uint64_t seq = UINT64_MAX;
+    int n = bw_outlier_members(g, &seq, idx);
+    for (int i = 0; i < n; i++) {
+        hc_target *t = &first[idx[i]];
+        if (t->bev != NULL)
+            continue;
+        const bw_outlier_server *rec = &g->servers[idx[i]];
+        uint32_t len = rec->addr_len <= sizeof(t->addr.ss) ? rec->addr_len : 0;
+        memset(&t->addr, 0, sizeof(t->addr));
+        memcpy(&t->addr.ss, &rec->addr, len);
+        t->addr.len = (socklen_t)len;
+        memcpy(t->label, rec->key, sizeof(t->label));
+        t->label[sizeof(t->label) - 1] = '\0';
+        if (atomic_load(&g->members_seq) != seq)
+            return; /* rewritten meanwhile: the next interval checks the new set */
+        hc_start(t);
+    }
 }
 
 static void hc_stop_all(bw_health *h)
@@ -249,14 +285,17 @@ static void hc_stop_all(bw_health *h)
     h->n_targets = 0;
 }
 
-/* One target per server of every upstream with a health_check, each first checked at once (so a
- * server that is down at start is found within one timeout, not one interval). */
+/* One target per server of every upstream with a health_check (per shared record for a
+ * DNS-named one), each first checked at once, so that a server down at start is found within
+ * one timeout, not one interval. */
 static void hc_start_all(bw_health *h)
 {
     size_t n = 0;
-    for (size_t i = 0; i < h->cfg->n_upstreams; i++)
-        if (h->cfg->upstreams[i].health_check.enabled && !h->cfg->upstreams[i].dynamic)
-            n += h->cfg->upstreams[i].n_servers;
+    for (size_t i = 0; i < h->cfg->n_upstreams; i++) {
+        const bw_upstream_conf *u = &h->cfg->upstreams[i];
+        if (u->health_check.enabled)
+            n += u->dynamic ? BW_OUTLIER_MAX_SERVERS : u->n_servers;
+    }
     if (n == 0)
         return;
     h->targets = calloc(n, sizeof(*h->targets));
@@ -269,28 +308,35 @@ static void hc_start_all(bw_health *h)
         const bw_upstream_conf *u = &h->cfg->upstreams[i];
         if (!u->health_check.enabled)
             continue;
-        if (u->dynamic) {
-            bw_log_warn(h->log, "upstream %s: health_check is not run for DNS-named servers yet; "
-                                "passive outlier detection still applies", u->name);
-            continue;
-        }
-        for (size_t j = 0; j < u->n_servers; j++) {
+        size_t count = u->dynamic ? BW_OUTLIER_MAX_SERVERS : u->n_servers;
+        for (size_t j = 0; j < count; j++) {
             hc_target *t = &h->targets[k++];
+            h->n_targets = k;
             t->h = h;
             t->up = i;
-            t->srv = j;
-            t->every = event_new(h->base, -1, EV_PERSIST, hc_every_cb, t);
+            if (u->dynamic) {
+                t->rec = (int)j;
+            } else {
+                t->rec = u->servers[j].shm_index;
+                t->addr = u->servers[j].addr;
+                snprintf(t->label, sizeof(t->label), "%s", u->servers[j].address);
+            }
             t->deadline = evtimer_new(h->base, hc_deadline_cb, t);
-            h->n_targets = k;
-            if (t->every == NULL || t->deadline == NULL) {
+            /* A literal server has its own timer; a DNS-named upstream one for all. */
+            if (!u->dynamic || j == 0)
+                t->every =
+                    event_new(h->base, -1, EV_PERSIST, u->dynamic ? hc_dynamic_cb : hc_every_cb, t);
+            if (t->deadline == NULL || ((!u->dynamic || j == 0) && t->every == NULL)) {
                 bw_log_error(h->log, "health checks: out of memory; no active checks");
                 hc_stop_all(h);
                 return;
             }
-            uint32_t ms = u->health_check.interval_ms;
-            struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
-            event_add(t->every, &tv);
-            event_active(t->every, EV_TIMEOUT, 0); /* the first check at once */
+            if (t->every) {
+                uint32_t ms = u->health_check.interval_ms;
+                struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+                event_add(t->every, &tv);
+                event_active(t->every, EV_TIMEOUT, 0); /* the first check at once */
+            }
         }
     }
 }

@@ -191,3 +191,36 @@ def test_short_ttl_is_respected_and_long_ttl_waits(breakwater_factory):
         assert addresses(bw) == [up.address]
         assert one(bw).status == 200
     up.stop()
+
+
+def test_health_checks_follow_the_resolved_set(breakwater_factory):
+    class Check(Tagged):
+        def __init__(self, name, ok):
+            super().__init__(name)
+            self.ok = ok
+
+        def __call__(self, req, conn):
+            if req.target == "/healthz":
+                return respond(200 if self.ok else 500, b"")
+            return super().__call__(req, conn)
+
+    a = harness.upstream_on("127.0.0.2", Check("a", ok=True))
+    b = harness.upstream_on("127.0.0.3", Check("b", ok=False), port=a.port)
+    with DnsServer().start() as dns:
+        dns.set("api.test", ["127.0.0.2", "127.0.0.3"], ttl=30)
+        cfg = dns_config(dns, ["api.test:%d" % a.port], health_check={
+            "interval_ms": int(200 * SLOW), "timeout_ms": int(500 * SLOW),
+            "unhealthy_threshold": 1, "healthy_threshold": 1})
+        bw = breakwater_factory(cfg)
+
+        def b_unhealthy():
+            for s in harness.upstream_state(bw, "api")["servers"]:
+                if s["address"] == b.address:
+                    return s["healthy"] is False and s["last_check"]["status"] == 500
+            return False
+        harness.wait_until(b_unhealthy, 10 * SLOW, message="b to fail its check")
+        served = b.handler.served
+        assert {one(bw).body for _ in range(6)} == {b"a"}
+        assert b.handler.served == served
+    a.stop()
+    b.stop()
