@@ -35,6 +35,14 @@
  * nothing. Likewise every outcome carries the generation that admitted it: answers to requests
  * admitted before the breaker opened, or before it closed again, are ignored.
  *
+ * Time comes from the caller, and every caller passes the monotonic clock (bw_breaker_now_ms), so
+ * a step of the wall clock changes no open period and no lease. Time passing with no request is
+ * handled by bw_breaker_tick(), which the master calls periodically: it ends an open period that
+ * is over (open -> half_open, no permit taken), so a breaker recovers without traffic. A probe
+ * whose client went away gives its permit back with bw_breaker_release() (the same round check
+ * as for outcomes), and bw_breaker_check_passed() counts a passing active health check as a
+ * probe success that needed no permit.
+ *
  * The lock-free 64-bit atomics used here are address-free, which is what makes them valid in
  * memory shared between processes.
  */
