@@ -6,6 +6,7 @@ test changes while it runs.
     dns.mode = "silent"      # "normal", "silent" (no answer), "garbage", "truncated",
                              # "nxdomain", "servfail"
     dns.queries("api.test")  # how many questions for that name were asked so far
+    dns.generator = fn       # fn(name) -> IPv4 addresses, computed afresh for every query
 
 Names are matched case-insensitively (resolvers randomise the case of the question, 0x20) and the
 question is echoed exactly as asked. Unknown names get NXDOMAIN; known names without records of
@@ -29,6 +30,7 @@ class DnsServer:
         self.port = self.sock.getsockname()[1]
         self.address = "%s:%d" % (host, self.port)
         self.mode = "normal"
+        self.generator = None  # optional fn(name) -> list of IPv4 texts, asked on every query
         self._records = {}
         self._queries = {}
         self._lock = threading.Lock()
@@ -120,6 +122,9 @@ class DnsServer:
             self._queries[key] = self._queries.get(key, 0) + 1
             recs = self._records.get(key)
             mode = self.mode
+            gen = self.generator
+        if gen is not None:
+            recs = [(TYPE_A, ipaddress.ip_address(a).packed, 1) for a in gen(key)]
         rd = flags & 0x0100
         if mode == "silent":
             return None

@@ -11,6 +11,7 @@ answers 503 "no servers".
 import json
 import subprocess
 import threading
+import time
 
 import harness
 from dnsserver import DnsServer
@@ -224,3 +225,46 @@ def test_health_checks_follow_the_resolved_set(breakwater_factory):
         assert b.handler.served == served
     a.stop()
     b.stop()
+
+
+def _rss_kb(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_address_churn_stays_bounded(breakwater_factory):
+    """Every answer brings 20 new addresses for each of 5 names (TTL 1 s): the server table
+    (256 records) is recycled, and neither the master nor a worker grows."""
+    import random
+    rnd = random.Random(7)
+
+    def fresh_addresses(name):
+        return ["127.1.%d.%d" % (rnd.randrange(256), rnd.randrange(1, 255)) for _ in range(20)]
+
+    port = harness.dead_port()
+    with DnsServer().start() as dns:
+        dns.generator = fresh_addresses
+        names = ["n%d.test:%d" % (i, port) for i in range(5)]
+        cfg = dns_config(dns, names, retries=0, outlier_detection={"consecutive_failures": 0},
+                         circuit_breaker={"failure_threshold": 0})
+        bw = breakwater_factory(cfg)
+        harness.wait_until(lambda: len(addresses(bw)) > 0, 10 * SLOW, message="a first set")
+        pids = bw.wait_workers(2)
+
+        def churn(seconds):
+            end = time.monotonic() + seconds * SLOW
+            while time.monotonic() < end:
+                assert one(bw).status in (502, 503)
+                assert len(addresses(bw)) <= 100
+        churn(2)
+        rss0 = [_rss_kb(bw.proc.pid)] + [_rss_kb(p) for p in pids]
+        q0 = dns.queries("n0.test")
+        churn(6)
+        assert dns.queries("n0.test") >= q0 + 8  # 4+ rounds: 600+ addresses, 256 records
+        rss1 = [_rss_kb(bw.proc.pid)] + [_rss_kb(p) for p in pids]
+        for before, after in zip(rss0, rss1):
+            assert after - before < 2048, (rss0, rss1)
+        assert bw.running()
