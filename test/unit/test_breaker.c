@@ -1162,7 +1162,6 @@ static void test_stress_processes_with_kill(void **state)
     munmap(b, sizeof(*b));
 }
 
-
 /* Recovery without traffic: tick() moves open to half_open once the wait is over, taking no
  * permit, and exactly once however many callers race; before the wait it does nothing. */
 static void test_tick_moves_to_half_open_without_requests(void **state)
@@ -1213,7 +1212,8 @@ static void test_release_returns_the_probe_permit(void **state)
     bw_breaker_view v;
     bw_breaker_snapshot(&b, &c, 30004, &v);
     assert_int_equal(v.half_open_permits, 1);
-    bw_breaker_ticket closed_tk = {.generation = tk2.generation, .round = tk2.round, .probe = false};
+    bw_breaker_ticket closed_tk = {
+        .generation = tk2.generation, .round = tk2.round, .probe = false};
     bw_breaker_release(&b, &closed_tk, 30005);
     bw_breaker_snapshot(&b, &c, 30005, &v);
     assert_int_equal(v.half_open_permits, 1);
