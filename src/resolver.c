@@ -25,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include <event2/dns.h>
 
@@ -179,9 +180,13 @@ static void hosts_load(bw_resolver *r)
     FILE *f = fopen("/etc/hosts", "rb");
     if (f == NULL)
         return;
-    r->hosts = malloc(BW_RESOLVER_HOSTS_MAX);
+    struct stat st;
+    size_t cap = BW_RESOLVER_HOSTS_MAX;
+    if (fstat(fileno(f), &st) == 0 && st.st_size >= 0 && (uint64_t)st.st_size < cap)
+        cap = (size_t)st.st_size + 1; /* usually a few hundred bytes */
+    r->hosts = malloc(cap);
     if (r->hosts != NULL)
-        r->hosts_len = fread(r->hosts, 1, BW_RESOLVER_HOSTS_MAX, f);
+        r->hosts_len = fread(r->hosts, 1, cap, f);
     fclose(f);
 }
 

@@ -265,6 +265,7 @@ def test_address_churn_stays_bounded(breakwater_factory):
         churn(6)
         assert dns.queries("n0.test") >= q0 + 8  # 4+ rounds: 600+ addresses, 256 records
         rss1 = [_rss_kb(bw.proc.pid)] + [_rss_kb(p) for p in pids]
+        # (Under AddressSanitizer freed memory sits in its quarantine, so RSS says nothing.)
         for before, after in zip(rss0, rss1):
-            assert after - before < 2048, (rss0, rss1)
+            assert harness.SANITIZED or after - before < 2048, (rss0, rss1)
         assert bw.running()
