@@ -10,6 +10,8 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -214,6 +216,69 @@ static void test_bind_by_address_across_reloads(void **state)
     free(g);
 }
 
+static void set_addr(struct sockaddr_storage *ss, uint32_t *len, uint32_t ip, uint16_t port)
+{
+    memset(ss, 0, sizeof(*ss));
+    struct sockaddr_in *s4 = (struct sockaddr_in *)ss;
+    s4->sin_family = AF_INET;
+    s4->sin_addr.s_addr = htonl(ip);
+    s4->sin_port = htons(port);
+    *len = sizeof(*s4);
+}
+
+/* The published set of a DNS-named upstream: readers see each new set once, with its records'
+ * addresses; a server that stays keeps its record (and its state); a set being written (odd
+ * sequence) is not read. */
+static void test_publish_and_read_members(void **state)
+{
+    (void)state;
+    bw_outlier_group *g = calloc(1, sizeof(*g));
+    assert_non_null(g);
+    bw_outlier_group_init(g);
+    uint64_t seq = 0;
+    uint16_t idx[BW_OUTLIER_MAX_SERVERS];
+    assert_int_equal(bw_outlier_members(g, &seq, idx), -1); /* nothing published yet */
+
+    const char *keys[] = {"10.0.0.1:80", "10.0.0.2:80"};
+    struct sockaddr_storage addrs[2];
+    uint32_t lens[2];
+    set_addr(&addrs[0], &lens[0], 0x0A000001, 80);
+    set_addr(&addrs[1], &lens[1], 0x0A000002, 80);
+    assert_int_equal(bw_outlier_publish(g, keys, addrs, lens, 2, 1), 0);
+    assert_int_equal(bw_outlier_members(g, &seq, idx), 2);
+    assert_int_equal(seq & 1, 0);
+    assert_string_equal(g->servers[idx[0]].key, "10.0.0.1:80");
+    const struct sockaddr_in *a = (const struct sockaddr_in *)&g->servers[idx[1]].addr;
+    assert_int_equal(ntohl(a->sin_addr.s_addr), 0x0A000002);
+    assert_int_equal(bw_outlier_members(g, &seq, idx), -1); /* unchanged since */
+    int kept = idx[1];
+    atomic_store(&g->servers[kept].failures, 4);
+
+    /* 10.0.0.1 leaves, 10.0.0.3 arrives: 10.0.0.2 keeps its record and state. */
+    const char *keys2[] = {"10.0.0.2:80", "10.0.0.3:80"};
+    set_addr(&addrs[0], &lens[0], 0x0A000002, 80);
+    set_addr(&addrs[1], &lens[1], 0x0A000003, 80);
+    assert_int_equal(bw_outlier_publish(g, keys2, addrs, lens, 2, 2), 0);
+    assert_int_equal(bw_outlier_members(g, &seq, idx), 2);
+    assert_int_equal(idx[0], kept);
+    assert_int_equal(atomic_load(&g->servers[kept].failures), 4);
+    assert_string_equal(g->servers[idx[1]].key, "10.0.0.3:80");
+
+    /* A writer that died mid-write leaves the sequence odd: readers keep what they have. */
+    uint64_t s0 = atomic_load(&g->members_seq);
+    atomic_store(&g->members_seq, s0 | 1);
+    uint64_t reader = 0;
+    assert_int_equal(bw_outlier_members(g, &reader, idx), -1);
+    /* The next publish repairs it. */
+    assert_int_equal(bw_outlier_publish(g, keys2, addrs, lens, 1, 3), 0);
+    assert_int_equal(bw_outlier_members(g, &reader, idx), 1);
+    /* An empty set is a set. */
+    assert_int_equal(bw_outlier_publish(g, keys2, addrs, lens, 0, 4), 0);
+    assert_int_equal(bw_outlier_members(g, &reader, idx), 0);
+    assert_int_equal(bw_outlier_publish(g, keys2, addrs, lens, BW_OUTLIER_MAX_SERVERS + 1, 5), -1);
+    free(g);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -222,6 +287,7 @@ int main(void)
         cmocka_unit_test(test_max_ejection_percent_keeps_servers_in),
         cmocka_unit_test(test_active_checks_thresholds),
         cmocka_unit_test(test_bind_by_address_across_reloads),
+        cmocka_unit_test(test_publish_and_read_members),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
