@@ -269,3 +269,38 @@ def _wall_shifted(bw, seconds):
     theirs = datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
     delta = theirs.timestamp() - time.time()
     return abs(delta - seconds) < 60
+
+
+def test_fleet_follower_recovers_without_traffic_too(upstream_factory, breakwater_factory,
+                                                     tmp_path):
+    """With Redis, instance B follows A's opening; when the open period ends both go half_open
+    by themselves and both pods are ready again, with no request to either."""
+    redis = harness.RedisServer(tmp_path)
+    try:
+        sw_a, sw_b = Switch(), Switch()
+        up_a, up_b = upstream_factory(sw_a), upstream_factory(sw_b)
+        reset_ms = int(1500 * SLOW)
+
+        def fleet(up):
+            cfg = config([up], workers=1, reset_timeout_ms=reset_ms)
+            cfg["redis"] = {"url": redis.url, "key_prefix": "bwrecovery",
+                            "sync_interval_ms": 100}
+            return cfg
+        a, b = breakwater_factory(fleet(up_a)), breakwater_factory(fleet(up_b))
+        for bw in (a, b):
+            harness.wait_until(
+                lambda: harness.metric_sum(harness.scrape(bw), "breakwater_redis_up") == 1,
+                10 * SLOW, message="redis up on instance %d" % bw.n)
+        open_breaker(a, sw_a)
+        harness.wait_until(lambda: harness.breaker_state(b, "api") == "open", 5 * SLOW,
+                           message="B to follow the fleet")
+        assert harness.readyz(b)[0] == 503
+        n_a, n_b = len(up_a.all_requests), len(up_b.all_requests)
+        for bw in (a, b):
+            harness.wait_until(lambda: harness.readyz(bw)[0] == 200,
+                               reset_ms / 1000.0 + 10 * SLOW,
+                               message="instance %d ready again with no traffic" % bw.n)
+            assert harness.breaker_state(bw, "api") == "half_open"
+        assert (len(up_a.all_requests), len(up_b.all_requests)) == (n_a, n_b)
+    finally:
+        redis.kill()
