@@ -65,11 +65,18 @@ static int64_t wall_offset_ms(void)
     return (wall_ns - mono_ns) / 1000000;
 }
 
-/* A breaker time (monotonic ms) as wall-clock ms, for display; 0 stays 0 ("never"). */
+/*
+ * A breaker time (monotonic ms) as wall-clock ms, for display; 0 stays 0 ("never"). A value far
+ * beyond the monotonic clock's present (more than a day ahead) can only have been written with
+ * wall-clock time by a caller that passed the wrong clock (a reset stamps the time it is given):
+ * it is shown as it is rather than decades in the future.
+ */
 static uint64_t mono_to_wall(uint64_t t, int64_t offset_ms)
 {
     if (t == 0)
         return 0;
+    if (t > bw_breaker_now_ms() + 86400000u)
+        return t;
     int64_t w = (int64_t)t + offset_ms;
     return w > 0 ? (uint64_t)w : 0;
 }

@@ -304,3 +304,23 @@ def test_fleet_follower_recovers_without_traffic_too(upstream_factory, breakwate
         assert (len(up_a.all_requests), len(up_b.all_requests)) == (n_a, n_b)
     finally:
         redis.kill()
+
+
+def test_times_in_upstreams_are_wall_clock_times(upstream_factory, breakwater_factory):
+    """Breakers run on the monotonic clock; what /upstreams shows is converted to wall time,
+    also after an operator reset."""
+    from datetime import datetime, timezone
+
+    def age(iso):
+        t = datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+        return abs(time.time() - t.timestamp())
+    sw = Switch()
+    up = upstream_factory(sw)
+    bw = breakwater_factory(config([up], reset_timeout_ms=60000))
+    open_breaker(bw, sw)
+    cb = cb_state(bw)
+    assert age(cb["since"]) < 60 and age(cb["opened_at"]) < 60, cb
+    assert harness.admin_request(bw, "POST", "/upstreams/api/reset").status == 200
+    cb = cb_state(bw)
+    assert cb["state"] == "closed" and age(cb["since"]) < 60, cb
+    assert age(cb["opened_at"]) < 60, cb
