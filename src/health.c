@@ -26,11 +26,15 @@
 
 #include <event2/buffer.h>
 #include <event2/bufferevent.h>
+#include <event2/bufferevent_ssl.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 
 #include "breakwater/breaker.h"
 #include "breakwater/http.h"
 #include "breakwater/outlier.h"
 #include "breakwater/probes.h"
+#include "breakwater/upstream_tls.h"
 
 /* One server's active check. */
 typedef struct hc_target {
@@ -53,6 +57,8 @@ struct bw_health {
     struct event *tick;
     hc_target *targets;
     size_t n_targets;
+    SSL_CTX **tls; /* per upstream index: the checks' client context for a "tls" upstream */
+    size_t n_tls;
     bw_http_head *head; /* parser scratch (large: kept off the stack) */
 };
 
@@ -184,13 +190,26 @@ static void hc_read_cb(struct bufferevent *bev, void *arg)
 
 static void hc_event_cb(struct bufferevent *bev, short what, void *arg)
 {
-    (void)bev;
     hc_target *t = arg;
     if (what & BEV_EVENT_CONNECTED) {
         t->connected = true;
         return;
     }
-    /* EOF or error before a complete head. */
+    /* EOF or error before a complete head. On a TLS upstream, a handshake that began and failed
+     * (or an alert after it) is a TLS failure, not a refused connect. */
+    SSL *ssl = bufferevent_openssl_get_ssl(bev);
+    if (ssl != NULL) {
+        unsigned long e = bufferevent_get_openssl_error(bev);
+        bool began = SSL_get_state(ssl) != TLS_ST_BEFORE;
+        if (e != 0 || (!t->connected && began) || SSL_get_verify_result(ssl) != X509_V_OK) {
+            char why[300];
+            bw_upstream_tls_failure(ssl, e, why, sizeof(why));
+            bw_log_debug(t->h->log, "upstream %s: server %s: health check: %s",
+                         t->h->cfg->upstreams[t->up].name, t->label, why);
+            hc_finish(t, BW_CHECK_TLS, 0);
+            return;
+        }
+    }
     hc_finish(t, t->connected ? BW_CHECK_INVALID : BW_CHECK_CONNECT, 0);
 }
 
@@ -216,6 +235,30 @@ static void hc_start(hc_target *t)
         hc_finish(t, BW_CHECK_CONNECT, 0);
         return;
     }
+    if (t->addr.len == 0 || bufferevent_socket_connect(t->bev, (const struct sockaddr *)&t->addr.ss,
+                                                       (int)t->addr.len) < 0) {
+        hc_finish(t, BW_CHECK_CONNECT, 0); /* failed at once: EMFILE, ENETUNREACH, ... */
+        return;
+    }
+    if (u->tls.enabled) {
+        /* The same TLS as proxied requests: a filter whose handshake follows the connect. */
+        SSL_CTX *ctx = t->up < h->n_tls ? h->tls[t->up] : NULL;
+        bw_server_conf sc;
+        memset(&sc, 0, sizeof(sc));
+        sc.addr = t->addr;
+        SSL *ssl = ctx ? bw_upstream_tls_ssl_new(ctx, u, &sc) : NULL;
+        struct bufferevent *f =
+            ssl ? bufferevent_openssl_filter_new(h->base, t->bev, ssl, BUFFEREVENT_SSL_CONNECTING,
+                                                 BEV_OPT_CLOSE_ON_FREE)
+                : NULL;
+        if (f == NULL) {
+            /* (Out of memory. The SSL is not freed here: with BEV_OPT_CLOSE_ON_FREE some
+             * libevent versions free it on this error path themselves.) */
+            hc_finish(t, BW_CHECK_TLS, 0);
+            return;
+        }
+        t->bev = f;
+    }
     bufferevent_setcb(t->bev, hc_read_cb, NULL, hc_event_cb, t);
     bufferevent_setwatermark(t->bev, EV_READ, 0, BW_HEALTH_MAX_HEAD + 1);
     evbuffer_add_printf(bufferevent_get_output(t->bev),
@@ -223,9 +266,6 @@ static void hc_start(hc_target *t)
                         "Connection: close\r\n\r\n",
                         c->path, c->host ? c->host : t->label);
     bufferevent_enable(t->bev, EV_READ | EV_WRITE);
-    if (t->addr.len == 0 || bufferevent_socket_connect(t->bev, (const struct sockaddr *)&t->addr.ss,
-                                                       (int)t->addr.len) < 0)
-        hc_finish(t, BW_CHECK_CONNECT, 0); /* failed at once: EMFILE, ENETUNREACH, ... */
 }
 
 static void hc_every_cb(evutil_socket_t fd, short what, void *arg)
@@ -283,6 +323,12 @@ static void hc_stop_all(bw_health *h)
     free(h->targets);
     h->targets = NULL;
     h->n_targets = 0;
+    for (size_t i = 0; i < h->n_tls; i++)
+        if (h->tls[i])
+            SSL_CTX_free(h->tls[i]);
+    free(h->tls);
+    h->tls = NULL;
+    h->n_tls = 0;
 }
 
 /* One target per server of every upstream with a health_check (per shared record for a
@@ -299,9 +345,21 @@ static void hc_start_all(bw_health *h)
     if (n == 0)
         return;
     h->targets = calloc(n, sizeof(*h->targets));
-    if (h->targets == NULL) {
+    h->tls = calloc(h->cfg->n_upstreams, sizeof(*h->tls));
+    if (h->targets == NULL || h->tls == NULL) {
         bw_log_error(h->log, "health checks: out of memory; no active checks");
+        hc_stop_all(h);
         return;
+    }
+    h->n_tls = h->cfg->n_upstreams;
+    for (size_t i = 0; i < h->cfg->n_upstreams; i++) {
+        const bw_upstream_conf *u = &h->cfg->upstreams[i];
+        char err[300];
+        if (!u->health_check.enabled || !u->tls.enabled)
+            continue;
+        h->tls[i] = bw_upstream_tls_ctx_new(u, err, sizeof(err));
+        if (h->tls[i] == NULL)
+            bw_log_error(h->log, "upstream %s: health checks: %s", u->name, err);
     }
     size_t k = 0;
     for (size_t i = 0; i < h->cfg->n_upstreams; i++) {

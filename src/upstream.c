@@ -330,8 +330,8 @@ static bw_upconn *connect_new(bw_server *server)
                                                  BUFFEREVENT_SSL_CONNECTING, BEV_OPT_CLOSE_ON_FREE)
                 : NULL;
         if (tls == NULL) {
-            if (ssl)
-                SSL_free(ssl);
+            /* (Out of memory. The SSL is not freed here: with BEV_OPT_CLOSE_ON_FREE some
+             * libevent versions free it on this error path themselves.) */
             upconn_free(c);
             errno = EPROTO;
             return NULL;

@@ -203,3 +203,29 @@ def test_tls_config_errors(pki, tmp_path, bw_bin):
     for want in ("upstreams.api.tls.ca", "upstreams.api.tls.server_name",
                  "upstreams.api.tls.verify", "needs both \"cert\" and \"key\""):
         assert want in p.stderr, p.stderr
+
+
+def test_health_checks_speak_tls_too(pki, breakwater_factory):
+    good = TlsUpstream(str(pki / "server.crt"), str(pki / "server.key"))
+    rogue = TlsUpstream(str(pki / "rogue.crt"), str(pki / "rogue.key"))
+    try:
+        cfg = tls_config(good, {"ca": str(pki / "ca.crt"), "server_name": "upstream.test"},
+                         health_check={"interval_ms": int(200 * SLOW),
+                                       "timeout_ms": int(1000 * SLOW),
+                                       "unhealthy_threshold": 1, "healthy_threshold": 1})
+        cfg["upstreams"]["api"]["servers"] = [good.address, rogue.address]
+        bw = breakwater_factory(cfg)
+
+        def checks():
+            docs = {s["address"]: s for s in harness.upstream_state(bw, "api")["servers"]}
+            g, r = docs[good.address]["last_check"], docs[rogue.address]["last_check"]
+            return g and r and (g["result"], g["status"], r["result"]) == ("pass", 200, "tls")
+        harness.wait_until(checks, 10 * SLOW, message="a TLS check passing and one failing")
+        docs = {s["address"]: s for s in harness.upstream_state(bw, "api")["servers"]}
+        assert docs[rogue.address]["healthy"] is False and docs[good.address]["healthy"] is True
+        for _ in range(4):
+            assert one(bw).status == 200  # the rogue server is skipped
+        assert rogue.served == 0
+    finally:
+        good.stop()
+        rogue.stop()
