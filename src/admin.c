@@ -616,14 +616,15 @@ static int respond(admin_conn *c, evhtp_request_t *req, struct evbuffer *body)
         bw_breaker *b = bw_shm_breaker(a->shm, u->shm_slot);
         bw_breaker_transition t = {0};
         if (r.id == BW_ADMIN_R_UPSTREAM_OPEN) {
-            bool first = bw_breaker_force_open(b, &u->breaker, now, now, &t);
+            uint64_t mono = bw_breaker_now_ms(); /* breakers run on the monotonic clock */
+            bool first = bw_breaker_force_open(b, &u->breaker, mono, mono, &t);
             bw_log_info(a->log, "breaker %s: forced open by the operator from %s%s", u->name,
                         c->peer, first ? "" : " (already forced)");
             if (a->hooks.open)
                 a->hooks.open(a->hooks.arg, u->name);
         } else {
             bool was_forced = bw_breaker_is_forced(b);
-            bw_breaker_reset(b, now, &t);
+            bw_breaker_reset(b, bw_breaker_now_ms(), &t);
             bw_log_info(a->log, "breaker %s: reset by the operator from %s (%s -> closed)%s",
                         u->name, c->peer, t.happened ? bw_breaker_state_name(t.from) : "closed",
                         was_forced ? ", no longer forced" : "");

@@ -35,6 +35,14 @@
  * nothing. Likewise every outcome carries the generation that admitted it: answers to requests
  * admitted before the breaker opened, or before it closed again, are ignored.
  *
+ * Time comes from the caller, and every caller passes the monotonic clock (bw_breaker_now_ms), so
+ * a step of the wall clock changes no open period and no lease. Time passing with no request is
+ * handled by bw_breaker_tick(), which the master calls periodically: it ends an open period that
+ * is over (open -> half_open, no permit taken), so a breaker recovers without traffic. A probe
+ * whose client went away gives its permit back with bw_breaker_release() (the same round check
+ * as for outcomes), and bw_breaker_check_passed() counts a passing active health check as a
+ * probe success that needed no permit.
+ *
  * The lock-free 64-bit atomics used here are address-free, which is what makes them valid in
  * memory shared between processes.
  */
@@ -44,6 +52,7 @@
 #include <limits.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #if UINT64_MAX == ULONG_MAX
 _Static_assert(ATOMIC_LONG_LOCK_FREE == 2, "64-bit atomics must be lock-free for shared memory");
@@ -633,6 +642,110 @@ bool bw_breaker_force_open(bw_breaker *b, const bw_breaker_conf *c, uint64_t for
 bool bw_breaker_is_forced(const bw_breaker *b)
 {
     return atomic_load_explicit(&b->forced_at_ms, memory_order_relaxed) != 0;
+}
+
+uint64_t bw_breaker_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* The end of w's open period, or 0 when w is not open. */
+static uint64_t open_until(bw_breaker *b, const bw_breaker_conf *c, word w, uint64_t now_ms)
+{
+    if (w.state != BW_BREAKER_OPEN)
+        return 0;
+    return since_of(b, w, now_ms) + wait_for(c, w.level, w.jitter);
+}
+
+/* open -> half_open with no permit taken, once the period is over; shared by tick and checks. */
+static bool open_expire(bw_breaker *b, const bw_breaker_conf *c, uint64_t now_ms, uint64_t *cur,
+                        bw_breaker_transition *t)
+{
+    /* Held open for maintenance: no timer ends that, only bw_breaker_reset(). */
+    if (atomic_load_explicit(&b->forced_at_ms, memory_order_relaxed) != 0)
+        return false;
+    for (;;) {
+        word w = unpack(*cur);
+        if (w.state != BW_BREAKER_OPEN || now_ms < open_until(b, c, w, now_ms))
+            return false;
+        word n = next_state(w, BW_BREAKER_HALF_OPEN);
+        if (transition(b, cur, n, now_ms, now_ms)) {
+            note(t, w, n, BW_BREAKER_CAUSE_TIMEOUT);
+            if (t != NULL)
+                t->wait_ms = wait_for(c, w.level, w.jitter);
+            return true;
+        }
+    }
+}
+
+bool bw_breaker_tick(bw_breaker *b, const bw_breaker_conf *c, uint64_t now_ms,
+                     bw_breaker_transition *t)
+{
+    clear_transition(t);
+    uint64_t cur = atomic_load(&b->word);
+    return open_expire(b, c, now_ms, &cur, t);
+}
+
+void bw_breaker_release(bw_breaker *b, const bw_breaker_ticket *ticket, uint64_t now_ms)
+{
+    if (!ticket->probe)
+        return;
+    uint64_t cur = atomic_load(&b->word);
+    for (;;) {
+        word w = unpack(cur);
+        if (w.state != BW_BREAKER_HALF_OPEN || w.gen != ticket->generation ||
+            w.round != ticket->round || w.permits == 0)
+            return;
+        word n = w;
+        n.permits--;
+        if (atomic_compare_exchange_strong(&b->word, &cur, pack(n))) {
+            stamp_set(b, &b->lease, n, true, now_ms);
+            return;
+        }
+    }
+}
+
+/*
+ * A passing active check is a probe that needed no permit: it adds one success in half_open
+ * (closing at half_open_success_threshold). The check that finds an open period over moves the
+ * breaker to half_open; it does not also close it, so every close follows a half-open state
+ * that readers and the fleet could see.
+ */
+bool bw_breaker_check_passed(bw_breaker *b, const bw_breaker_conf *c, uint64_t now_ms,
+                             bw_breaker_transition *t)
+{
+    clear_transition(t);
+    if (atomic_load_explicit(&b->forced_at_ms, memory_order_relaxed) != 0)
+        return false; /* a passing check does not end maintenance */
+    unsigned need = clamp_probes(c->half_open_success_threshold);
+    uint64_t cur = atomic_load(&b->word);
+    for (;;) {
+        word w = unpack(cur);
+        if (w.state == BW_BREAKER_OPEN)
+            return open_expire(b, c, now_ms, &cur, t);
+        if (w.state != BW_BREAKER_HALF_OPEN)
+            return false;
+        unsigned successes = w.successes + 1;
+        if (successes >= need) {
+            word n = next_state(w, BW_BREAKER_CLOSED);
+            n.level = 0;
+            n.jitter = 0;
+            if (!transition(b, &cur, n, now_ms, now_ms))
+                continue;
+            note(t, w, n, BW_BREAKER_CAUSE_PROBE_OK);
+            if (t != NULL)
+                t->successes = successes;
+            return true;
+        }
+        word n = w;
+        n.successes = successes;
+        if (atomic_compare_exchange_strong(&b->word, &cur, pack(n))) {
+            stamp_set(b, &b->lease, n, true, now_ms);
+            return false;
+        }
+    }
 }
 
 bool bw_breaker_reset(bw_breaker *b, uint64_t now_ms, bw_breaker_transition *t)

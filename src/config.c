@@ -181,6 +181,58 @@ int bw_sockaddr_parse(const char *text, bw_sockaddr *out, char *err, size_t errl
     return 0;
 }
 
+int bw_server_name_parse(const char *text, char *host, size_t hostlen, uint16_t *port, char *err,
+                         size_t errlen)
+{
+    const char *colon = text ? strrchr(text, ':') : NULL;
+    if (colon == NULL || colon == text) {
+        snprintf(err, errlen, "expected name:port");
+        return -1;
+    }
+    size_t n = (size_t)(colon - text);
+    if (n > 253 || n + 1 > hostlen) {
+        snprintf(err, errlen, "host name longer than 253 characters");
+        return -1;
+    }
+    size_t label = 0;
+    bool alpha = false;
+    for (size_t i = 0; i < n; i++) {
+        char ch = text[i];
+        if (ch == '.') {
+            if (label == 0) {
+                snprintf(err, errlen, "empty label in host name");
+                return -1;
+            }
+            label = 0;
+            continue;
+        }
+        if (!isalnum((unsigned char)ch) && ch != '-' && ch != '_') {
+            snprintf(err, errlen, "'%c' is not allowed in a host name", ch);
+            return -1;
+        }
+        if (isalpha((unsigned char)ch))
+            alpha = true;
+        if (++label > 63) {
+            snprintf(err, errlen, "a label of the host name is longer than 63 characters");
+            return -1;
+        }
+    }
+    if (!alpha) {
+        snprintf(err, errlen, "not a host name");
+        return -1;
+    }
+    const char *p = colon + 1;
+    unsigned long pnum = 0;
+    if (!all_digits(p) || strlen(p) > 5 || (pnum = strtoul(p, NULL, 10)) < 1 || pnum > 65535) {
+        snprintf(err, errlen, "invalid port \"%.16s\" (expected a number from 1 to 65535)", p);
+        return -1;
+    }
+    memcpy(host, text, n);
+    host[n] = '\0';
+    *port = (uint16_t)pnum;
+    return 0;
+}
+
 const char *bw_sockaddr_format(const bw_sockaddr *a, char *buf, size_t len)
 {
     char ip[INET6_ADDRSTRLEN];
@@ -1076,6 +1128,16 @@ static bool valid_token(const char *s)
     return true;
 }
 
+/* Visible ASCII only: what may go into a request line or a Host header we write ourselves. */
+static bool valid_check_text(const char *s)
+{
+    for (; *s; s++) {
+        if (*s <= 0x20 || *s >= 0x7f)
+            return false;
+    }
+    return true;
+}
+
 static bool valid_env_name(const char *s)
 {
     if (!isalpha((unsigned char)*s) && *s != '_')
@@ -1719,6 +1781,132 @@ static void parse_breaker(vctx *c, const cJSON *ub, const char *up, bw_breaker_c
     }
 }
 
+static void parse_outlier(vctx *c, const cJSON *ub, const char *up, bw_outlier_conf *o)
+{
+    static const char *const fields[] = {"consecutive_failures", "base_ejection_ms",
+                                         "max_ejection_ms", "max_ejection_percent", NULL};
+    char p[PATH_LEN], sp[PATH_LEN];
+    o->consecutive_failures = 5;
+    o->base_ejection_ms = 30000;
+    o->max_ejection_ms = 300000;
+    o->max_ejection_percent = 50;
+    path_key(p, sizeof p, up, "outlier_detection");
+    const cJSON *obj = get_object(c, ub, up, "outlier_detection", false);
+    if (obj == NULL)
+        return;
+    check_fields(c, obj, p, fields);
+    get_u32(c, obj, p, "consecutive_failures", 0, 1000000, &o->consecutive_failures);
+    get_u32(c, obj, p, "base_ejection_ms", 1, MAX_MS, &o->base_ejection_ms);
+    bool max_set = get_u32(c, obj, p, "max_ejection_ms", 1, MAX_MS, &o->max_ejection_ms);
+    get_u32(c, obj, p, "max_ejection_percent", 0, 100, &o->max_ejection_percent);
+    if (o->max_ejection_ms < o->base_ejection_ms) {
+        if (max_set) {
+            path_key(sp, sizeof sp, p, "max_ejection_ms");
+            verr(c, sp, "must be at least base_ejection_ms (%" PRIu32 "), got %" PRIu32,
+                 o->base_ejection_ms, o->max_ejection_ms);
+        } else {
+            o->max_ejection_ms = o->base_ejection_ms;
+        }
+    }
+}
+
+static void parse_health_check(vctx *c, const cJSON *ub, const char *up, bw_health_check_conf *h)
+{
+    static const char *const fields[] = {"path",          "host",
+                                         "interval_ms",   "timeout_ms",
+                                         "healthy_threshold", "unhealthy_threshold",
+                                         "expect_status", NULL};
+    char p[PATH_LEN], sp[PATH_LEN], got[96];
+    memset(h, 0, sizeof(*h));
+    h->interval_ms = 5000;
+    h->timeout_ms = 1000;
+    h->healthy_threshold = 2;
+    h->unhealthy_threshold = 3;
+    h->expect_min = 200;
+    h->expect_max = 399;
+    path_key(p, sizeof p, up, "health_check");
+    const cJSON *obj = get_object(c, ub, up, "health_check", false);
+    if (obj == NULL)
+        return;
+    h->enabled = true;
+    check_fields(c, obj, p, fields);
+    const char *path = get_string(c, obj, p, "path", false);
+    path_key(sp, sizeof sp, p, "path");
+    if (path != NULL && (path[0] != '/' || !valid_check_text(path)))
+        verr(c, sp, "must start with \"/\" and hold only visible ASCII characters, got \"%s\"",
+             path);
+    h->path = vstrdup(c, path != NULL ? path : "/healthz");
+    const char *host = get_string(c, obj, p, "host", false);
+    path_key(sp, sizeof sp, p, "host");
+    if (host != NULL && (host[0] == '\0' || !valid_check_text(host)))
+        verr(c, sp, "must be a non-empty host name of visible ASCII characters, got \"%s\"", host);
+    if (host != NULL)
+        h->host = vstrdup(c, host);
+    get_u32(c, obj, p, "interval_ms", 10, MAX_MS, &h->interval_ms);
+    get_u32(c, obj, p, "timeout_ms", 1, MAX_MS, &h->timeout_ms);
+    get_u32(c, obj, p, "healthy_threshold", 1, 1000, &h->healthy_threshold);
+    get_u32(c, obj, p, "unhealthy_threshold", 1, 1000, &h->unhealthy_threshold);
+    const cJSON *es = field(obj, "expect_status");
+    path_key(sp, sizeof sp, p, "expect_status");
+    if (es != NULL) {
+        const cJSON *lo = cJSON_IsArray(es) && cJSON_GetArraySize(es) == 2 ? es->child : NULL;
+        const cJSON *hi = lo ? lo->next : NULL;
+        bool ok = lo && hi && cJSON_IsNumber(lo) && cJSON_IsNumber(hi) &&
+                  lo->valuedouble == floor(lo->valuedouble) &&
+                  hi->valuedouble == floor(hi->valuedouble) && lo->valuedouble >= 100 &&
+                  hi->valuedouble <= 599 && lo->valuedouble <= hi->valuedouble;
+        if (!ok) {
+            verr(c, sp, "must be an inclusive range [LOW, HIGH] of HTTP statuses (100..599), got %s",
+                 describe(es, got, sizeof got));
+        } else {
+            h->expect_min = (uint16_t)lo->valuedouble;
+            h->expect_max = (uint16_t)hi->valuedouble;
+        }
+    }
+}
+
+static void parse_upstream_tls(vctx *c, const cJSON *ub, const char *up, bw_upstream_tls_conf *t)
+{
+    static const char *const fields[] = {"verify", "ca", "server_name", "cert", "key", NULL};
+    char p[PATH_LEN], ap[PATH_LEN];
+    memset(t, 0, sizeof(*t));
+    t->verify = true;
+    path_key(p, sizeof p, up, "tls");
+    const cJSON *o = get_object(c, ub, up, "tls", false);
+    if (o == NULL)
+        return;
+    t->enabled = true;
+    check_fields(c, o, p, fields);
+    get_bool(c, o, p, "verify", &t->verify);
+    const char *names[3] = {"ca", "cert", "key"};
+    char **dst[3] = {&t->ca, &t->cert, &t->key};
+    for (int i = 0; i < 3; i++) {
+        const char *v = get_string(c, o, p, names[i], false);
+        if (v == NULL)
+            continue;
+        *dst[i] = resolve_path(c, v);
+        path_key(ap, sizeof ap, p, names[i]);
+        if (*dst[i] != NULL)
+            check_tls_file(c, ap, *dst[i]);
+    }
+    if ((t->cert == NULL) != (t->key == NULL)) {
+        path_key(ap, sizeof ap, p, t->cert ? "key" : "cert");
+        verr(c, t->cert ? p : p, "mutual TLS needs both \"cert\" and \"key\"");
+    }
+    const char *sn = get_string(c, o, p, "server_name", false);
+    if (sn != NULL) {
+        char host[256], why[128];
+        uint16_t port;
+        char probe[300];
+        snprintf(probe, sizeof probe, "%s:1", sn);
+        path_key(ap, sizeof ap, p, "server_name");
+        if (bw_server_name_parse(probe, host, sizeof host, &port, why, sizeof why) < 0)
+            verr(c, ap, "must be a host name, got \"%s\": %s", sn, why);
+        else
+            t->server_name = vstrdup(c, sn);
+    }
+}
+
 static void parse_upstream(vctx *c, const cJSON *u, const char *up, bw_upstream_conf *uc)
 {
     static const char *const fields[] = {"servers",
@@ -1730,6 +1918,10 @@ static void parse_upstream(vctx *c, const cJSON *u, const char *up, bw_upstream_
                                          "keepalive_timeout_ms",
                                          "retries",
                                          "circuit_breaker",
+                                         "outlier_detection",
+                                         "health_check",
+                                         "resolve_interval_ms",
+                                         "tls",
                                          NULL};
     char sp[PATH_LEN], ip[PATH_LEN], got[96], why[256];
 
@@ -1747,6 +1939,8 @@ static void parse_upstream(vctx *c, const cJSON *u, const char *up, bw_upstream_
     get_u32(c, u, up, "keepalive_max_idle", 0, 100000, &uc->keepalive_max_idle);
     get_u32(c, u, up, "keepalive_timeout_ms", 1, MAX_MS, &uc->keepalive_timeout_ms);
     get_u32(c, u, up, "retries", 0, 10, &uc->retries);
+    uc->resolve_interval_ms = 5000;
+    get_u32(c, u, up, "resolve_interval_ms", 100, MAX_MS, &uc->resolve_interval_ms);
 
     const char *bal = get_string(c, u, up, "balance", false);
     if (bal != NULL) {
@@ -1761,6 +1955,9 @@ static void parse_upstream(vctx *c, const cJSON *u, const char *up, bw_upstream_
     }
 
     parse_breaker(c, u, up, &uc->breaker);
+    parse_outlier(c, u, up, &uc->outlier);
+    parse_health_check(c, u, up, &uc->health_check);
+    parse_upstream_tls(c, u, up, &uc->tls);
 
     const cJSON *servers = field(u, "servers");
     path_key(sp, sizeof sp, up, "servers");
@@ -1784,9 +1981,26 @@ static void parse_upstream(vctx *c, const cJSON *u, const char *up, bw_upstream_
         bw_server_conf *s = &uc->servers[i];
         path_idx(ip, sizeof ip, sp, i);
         s->weight = 1;
+        char name[256], why2[128];
+        uint16_t port = 0;
         if (!cJSON_IsString(el)) {
             verr(c, ip, "must be a \"host:port\" string, got %s", describe(el, got, sizeof got));
-        } else if (bw_sockaddr_parse(el->valuestring, &s->addr, why, sizeof why) < 0) {
+        } else if (bw_sockaddr_parse(el->valuestring, &s->addr, why, sizeof why) < 0 &&
+                   bw_server_name_parse(el->valuestring, name, sizeof name, &port, why2,
+                                        sizeof why2) == 0) {
+            /* A DNS name: resolved at run time by the master (src/resolver.c). */
+            s->addr.len = 0;
+            s->host = vstrdup(c, name);
+            s->port = port;
+            s->address = vstrdup(c, el->valuestring);
+            uc->dynamic = true;
+            for (size_t k = 0; k < i; k++) {
+                if (uc->servers[k].address && strcmp(uc->servers[k].address, s->address) == 0) {
+                    verr(c, ip, "\"%s\" is listed twice (also %s[%zu])", el->valuestring, sp, k);
+                    break;
+                }
+            }
+        } else if (s->addr.len == 0) {
             verr(c, ip, "invalid server address \"%s\": %s", el->valuestring, why);
         } else if (sockaddr_is_any(&s->addr)) {
             verr(c, ip, "\"%s\" is a wildcard address; a server needs a concrete IP address",
@@ -2151,6 +2365,39 @@ static void parse_routes(vctx *c, const cJSON *root, bw_config *cfg)
     }
 }
 
+/* "resolvers": ["IP:PORT", ...], the nameservers used instead of /etc/resolv.conf's. */
+static void parse_resolvers(vctx *c, const cJSON *root, bw_config *cfg)
+{
+    const cJSON *arr = field(root, "resolvers");
+    char ip[PATH_LEN], got[96], why[160];
+    if (arr == NULL)
+        return;
+    if (!cJSON_IsArray(arr) || cJSON_GetArraySize(arr) == 0 || cJSON_GetArraySize(arr) > 16) {
+        verr(c, "resolvers", "must be an array of 1 to 16 \"IP:PORT\" strings, got %s",
+             describe(arr, got, sizeof got));
+        return;
+    }
+    size_t n = (size_t)cJSON_GetArraySize(arr), i = 0;
+    cfg->resolvers = vcalloc(c, n, sizeof *cfg->resolvers);
+    if (cfg->resolvers == NULL)
+        return;
+    const cJSON *el;
+    cJSON_ArrayForEach(el, arr)
+    {
+        path_idx(ip, sizeof ip, "resolvers", i++);
+        if (!cJSON_IsString(el)) {
+            verr(c, ip, "must be an \"IP:PORT\" string, got %s", describe(el, got, sizeof got));
+            continue;
+        }
+        bw_sockaddr a;
+        if (bw_sockaddr_parse(el->valuestring, &a, why, sizeof why) < 0) {
+            verr(c, ip, "invalid nameserver address \"%s\": %s", el->valuestring, why);
+            continue;
+        }
+        cfg->resolvers[cfg->n_resolvers++] = a;
+    }
+}
+
 /* A JSON array of CIDR strings at path (trusted_proxies, a policy's exempt list). */
 static void parse_cidr_list(vctx *c, const cJSON *arr, const char *path, bw_cidr **list,
                             size_t *count)
@@ -2321,6 +2568,9 @@ static void parse_root(vctx *c, const cJSON *root, bw_config *cfg)
                                          "probes_on_listeners",
                                          "default_rate_limit",
                                          "drain_idle_grace_ms",
+                                         "resolvers",
+                                         "resolver_timeout_ms",
+                                         "resolver_attempts",
                                          NULL};
     char got[96];
 
@@ -2341,6 +2591,11 @@ static void parse_root(vctx *c, const cJSON *root, bw_config *cfg)
     get_u32(c, root, "", "shutdown_timeout_ms", 0, MAX_MS, &cfg->shutdown_timeout_ms);
     get_u32(c, root, "", "drain_idle_grace_ms", 0, MAX_MS, &cfg->drain_idle_grace_ms);
     get_bool(c, root, "", "probes_on_listeners", &cfg->probes_on_listeners);
+    cfg->resolver_timeout_ms = 2000;
+    cfg->resolver_attempts = 2;
+    get_u32(c, root, "", "resolver_timeout_ms", 10, 60000, &cfg->resolver_timeout_ms);
+    get_u32(c, root, "", "resolver_attempts", 1, 10, &cfg->resolver_attempts);
+    parse_resolvers(c, root, cfg);
 
     parse_listeners(c, root, cfg);
     parse_admin(c, root, cfg);
@@ -2517,9 +2772,17 @@ void bw_config_free(bw_config *cfg)
     for (size_t i = 0; i < cfg->n_upstreams; i++) {
         bw_upstream_conf *u = &cfg->upstreams[i];
         free(u->name);
-        for (size_t k = 0; k < u->n_servers; k++)
+        for (size_t k = 0; k < u->n_servers; k++) {
             free(u->servers[k].address);
+            free(u->servers[k].host);
+        }
         free(u->servers);
+        free(u->health_check.path);
+        free(u->health_check.host);
+        free(u->tls.ca);
+        free(u->tls.server_name);
+        free(u->tls.cert);
+        free(u->tls.key);
     }
     free(cfg->upstreams);
     for (size_t i = 0; i < cfg->n_routes; i++) {
@@ -2535,6 +2798,7 @@ void bw_config_free(bw_config *cfg)
     }
     free(cfg->rate_limits);
     free(cfg->trusted_proxies);
+    free(cfg->resolvers);
     free(cfg->redis.url);
     free(cfg->redis.key_prefix);
     free(cfg->log.error_log);

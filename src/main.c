@@ -13,6 +13,7 @@
 #include <evhtp.h>
 #pragma GCC diagnostic pop
 #include <hiredis/hiredis.h>
+#include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,6 +58,35 @@ static void check_tls(const bw_config *cfg, bw_diag *diag)
         fprintf(stderr, "warning: %s\n", warn.lines[i]);
     bw_diag_free(&warn);
     bw_tls_keys_free(&keys);
+}
+
+/* -t: a server name that does not resolve now is a warning, not an error: DNS may well have it
+ * by the time the proxy runs (a Service created later, a pod not scheduled yet). With top-level
+ * "resolvers" the system resolver says nothing useful, so the check is left to run time. */
+static void warn_unresolved(const bw_config *cfg)
+{
+    if (cfg->n_resolvers > 0)
+        return;
+    for (size_t i = 0; i < cfg->n_upstreams; i++) {
+        const bw_upstream_conf *u = &cfg->upstreams[i];
+        for (size_t k = 0; k < u->n_servers; k++) {
+            const bw_server_conf *sc = &u->servers[k];
+            if (sc->host == NULL)
+                continue;
+            struct addrinfo hints, *res = NULL;
+            memset(&hints, 0, sizeof(hints));
+            hints.ai_socktype = SOCK_STREAM;
+            int rc = getaddrinfo(sc->host, NULL, &hints, &res);
+            if (rc == 0) {
+                freeaddrinfo(res);
+                continue;
+            }
+            fprintf(stderr,
+                    "%s: upstreams.%s.servers[%zu]: warning: \"%s\" does not resolve now (%s); it "
+                    "is resolved again at run time\n",
+                    cfg->path, u->name, k, sc->host, gai_strerror(rc));
+        }
+    }
 }
 
 int main(int argc, char **argv)
@@ -116,6 +146,7 @@ int main(int argc, char **argv)
     if (test_only) {
         for (size_t i = 0; i < cfg->n_notes; i++)
             printf("%s\n", cfg->notes[i]);
+        warn_unresolved(cfg);
         printf("configuration ok\n");
         bw_config_free(cfg);
         return 0;

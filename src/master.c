@@ -36,6 +36,9 @@
 #include "breakwater/admin.h"
 #include "breakwater/fdlimit.h"
 #include "breakwater/notify.h"
+#include "breakwater/breaker.h"
+#include "breakwater/health.h"
+#include "breakwater/resolver.h"
 #include "breakwater/probes.h"
 #include "breakwater/redis_sync.h"
 #include "breakwater/shm.h"
@@ -93,6 +96,8 @@ typedef struct bw_master {
     struct event *ready_timer; /* polls until the current generation accepts, then READY=1 */
     struct event *tls_timer;   /* certificate files on disk, ticket key ratchet */
     uint64_t tls_seen;         /* files stamp last loaded or last tried */
+    bw_health *health;     /* breaker ticks and active checks */
+    bw_resolver *resolver; /* DNS names of upstream servers; NULL when there is none */
 } bw_master;
 
 static int64_t mono_ms(void)
@@ -243,7 +248,7 @@ static bw_generation *generation_new(bw_master *m, bw_config *cfg, bw_diag *diag
         bw_log_warn(&m->log, "%s", warn.lines[i]);
     bw_diag_free(&warn);
     char err[200];
-    if (ok && bw_shm_bind(&m->shm, cfg, (uint64_t)m->next_gen_id + 1, bw_probes_wall_ms(), err,
+    if (ok && bw_shm_bind(&m->shm, cfg, (uint64_t)m->next_gen_id + 1, bw_breaker_now_ms(), err,
                           sizeof(err)) < 0) {
         bw_diag_add(diag, "%s: %s", cfg->path, err);
         ok = false;
@@ -509,6 +514,17 @@ static void redis_apply(bw_master *m, const bw_config *cfg)
     bw_redis_sync_set_share_when_down(m->redis, cfg->redis.share_when_down);
 }
 
+/* (Re)starts name resolution for a newly bound configuration. The servers last published stay in
+ * shared memory meanwhile, so workers keep a set while the new resolver's first round runs. */
+static void resolver_apply(bw_master *m, const bw_config *cfg)
+{
+    bw_resolver_free(m->resolver);
+    int failed = 0;
+    m->resolver = bw_resolver_new(m->base, &m->shm, cfg, &m->log, &failed);
+    if (failed)
+        bw_log_error(&m->log, "dns: name resolution is not running; named servers get no address");
+}
+
 /* Opens the admin listener for cfg, reusing the running one when the address is unchanged. */
 static int admin_apply(bw_master *m, const bw_config *cfg, char *err, size_t errlen)
 {
@@ -650,6 +666,8 @@ static void reload(bw_master *m, const char *why)
     m->log.query = g->cfg->log.query;
     log_overrides(m, g->cfg);
     redis_apply(m, g->cfg);
+    bw_health_set_config(m->health, g->cfg);
+    resolver_apply(m, g->cfg);
     bw_generation *old = m->current;
     m->current = g;
     spawn_missing(m);
@@ -836,6 +854,12 @@ int bw_master_run(const char *config_path, bw_config *cfg)
         goto out;
     }
     redis_apply(&m, m.current->cfg);
+    m.health = bw_health_new(m.base, &m.shm, m.current->cfg, &m.log);
+    if (!m.health) {
+        bw_log_error(&m.log, "cannot start the upstream health timer");
+        goto out;
+    }
+    resolver_apply(&m, m.current->cfg);
     m.ev_sig = event_new(m.base, m.sigfd, EV_READ | EV_PERSIST, signalfd_cb, &m);
     m.respawn_timer = evtimer_new(m.base, respawn_cb, &m);
     m.kill_timer = evtimer_new(m.base, kill_cb, &m);
@@ -858,6 +882,8 @@ int bw_master_run(const char *config_path, bw_config *cfg)
     rc = 0;
 
 out:
+    bw_resolver_free(m.resolver);
+    bw_health_free(m.health);
     if (m.redis)
         bw_redis_sync_free(m.redis);
     bw_admin_free(m.admin);

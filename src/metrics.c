@@ -310,6 +310,77 @@ static void render_breakers(const bw_shm *shm, const bw_config *cfg, uint64_t no
     free(views);
 }
 
+/* Per-server health (passive ejection and active checks) and the counters behind it. */
+static void render_servers(const bw_shm *shm, const bw_config *cfg, uint64_t now_ms,
+                           struct evbuffer *out)
+{
+    static const char healthy[] = "breakwater_upstream_server_healthy";
+    static const char ejections[] = "breakwater_upstream_ejections_total";
+    static const char checks[] = "breakwater_health_checks_total";
+    static const char dns[] = "breakwater_dns_errors_total";
+    size_t n = cfg ? cfg->n_upstreams : 0;
+    family(out, healthy, "gauge",
+           "1 when the server may be picked (not ejected, not failed by health checks), else 0.");
+    for (size_t i = 0; i < n; i++) {
+        const bw_upstream_conf *u = &cfg->upstreams[i];
+        const bw_outlier_group *g = bw_shm_servers(shm, u->shm_slot);
+        if (g == NULL)
+            continue;
+        uint16_t members[BW_OUTLIER_MAX_SERVERS];
+        int n_members = 0;
+        if (u->dynamic) {
+            n_members = -1;
+            for (int attempt = 0; attempt < 100 && n_members < 0; attempt++) {
+                uint64_t seq = UINT64_MAX;
+                n_members = bw_outlier_members(g, &seq, members);
+            }
+        } else {
+            for (size_t k = 0; k < u->n_servers; k++) {
+                int idx = u->servers[k].shm_index;
+                if (idx >= 0 && idx < BW_OUTLIER_MAX_SERVERS)
+                    members[n_members++] = (uint16_t)idx;
+            }
+        }
+        for (int k = 0; k < n_members; k++) {
+            const bw_outlier_server *rec = &g->servers[members[k]];
+            char key[BW_OUTLIER_KEY_MAX];
+            memcpy(key, rec->key, sizeof(key));
+            key[sizeof(key) - 1] = '\0';
+            bw_outlier_view v;
+            bw_outlier_snapshot(rec, now_ms, &v);
+            open_series(out, healthy, "upstream", u->name);
+            add_label(out, "server", key);
+            evbuffer_add_printf(out, "} %d\n", v.healthy ? 1 : 0);
+        }
+    }
+    family(out, ejections, "counter", "Servers ejected by passive outlier detection.");
+    for (size_t i = 0; i < n; i++) {
+        bw_outlier_group *g = bw_shm_servers(shm, cfg->upstreams[i].shm_slot);
+        if (g == NULL)
+            continue;
+        open_series(out, ejections, "upstream", cfg->upstreams[i].name);
+        evbuffer_add_printf(out, "} %" PRIu64 "\n", load_u64(&g->ejections_total));
+    }
+    family(out, checks, "counter", "Active health checks finished, by result (pass or fail).");
+    for (size_t i = 0; i < n; i++) {
+        bw_outlier_group *g = bw_shm_servers(shm, cfg->upstreams[i].shm_slot);
+        if (g == NULL || !cfg->upstreams[i].health_check.enabled)
+            continue;
+        open_series(out, checks, "upstream", cfg->upstreams[i].name);
+        evbuffer_add_printf(out, ",result=\"pass\"} %" PRIu64 "\n", load_u64(&g->checks_pass));
+        open_series(out, checks, "upstream", cfg->upstreams[i].name);
+        evbuffer_add_printf(out, ",result=\"fail\"} %" PRIu64 "\n", load_u64(&g->checks_fail));
+    }
+    family(out, dns, "counter", "Failed resolutions of upstream server names.");
+    for (size_t i = 0; i < n; i++) {
+        bw_outlier_group *g = bw_shm_servers(shm, cfg->upstreams[i].shm_slot);
+        if (g == NULL)
+            continue;
+        open_series(out, dns, "upstream", cfg->upstreams[i].name);
+        evbuffer_add_printf(out, "} %" PRIu64 "\n", load_u64(&g->dns_errors));
+    }
+}
+
 static void render_rate_limits(const bw_shm *shm, const bw_config *cfg, uint64_t now_ms,
                                struct evbuffer *out)
 {
@@ -651,6 +722,7 @@ void bw_metrics_render(const bw_shm *shm, const bw_config *cfg, const bw_metrics
     render_upstream_counters(shm, cfg, out);
     render_breakers(shm, cfg, now_ms, out);
     render_critical(cfg, out);
+    render_servers(shm, cfg, now_ms, out);
     render_rate_limits(shm, cfg, now_ms, out);
     render_connections(shm, cfg, out);
     render_accept_errors(shm, cfg, m, out);

@@ -13,9 +13,13 @@
  */
 #include "breakwater/probes.h"
 
+#include <ctype.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+
+#include <event2/dns.h>
+#include <openssl/x509.h>
 
 #include "breakwater/breaker.h"
 
@@ -35,15 +39,53 @@ void bw_probes_iso8601(uint64_t wall_ms, char *buf, size_t len)
              tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (unsigned)(wall_ms % 1000u));
 }
 
-static void snapshot(const bw_shm *shm, const bw_upstream_conf *u, uint64_t now_ms,
+/* Breakers run on the monotonic clock (bw_breaker_now_ms); callers pass wall time for display. */
+static void snapshot(const bw_shm *shm, const bw_upstream_conf *u, uint64_t mono_ms,
                      bw_breaker_view *v)
 {
-    bw_breaker_snapshot(bw_shm_breaker(shm, u->shm_slot), &u->breaker, now_ms, v);
+    bw_breaker_snapshot(bw_shm_breaker(shm, u->shm_slot), &u->breaker, mono_ms, v);
+}
+
+/*
+ * The wall clock minus the monotonic clock, in ms. Linux derives CLOCK_REALTIME from
+ * CLOCK_MONOTONIC plus an offset that only a step of the clock changes (frequency slewing moves
+ * both), so reading it between two monotonic reads gives the same value on every call, and a
+ * breaker time shown twice is shown alike. The wall_ms argument is not used for this: it was read
+ * at another instant.
+ */
+static int64_t wall_offset_ms(void)
+{
+    struct timespec m1, w, m2;
+    clock_gettime(CLOCK_MONOTONIC, &m1);
+    clock_gettime(CLOCK_REALTIME, &w);
+    clock_gettime(CLOCK_MONOTONIC, &m2);
+    int64_t mono_ns = ((int64_t)m1.tv_sec + (int64_t)m2.tv_sec) * 500000000 +
+                      ((int64_t)m1.tv_nsec + (int64_t)m2.tv_nsec) / 2;
+    int64_t wall_ns = (int64_t)w.tv_sec * 1000000000 + (int64_t)w.tv_nsec;
+    return (wall_ns - mono_ns) / 1000000;
+}
+
+/*
+ * A breaker time (monotonic ms) as wall-clock ms, for display; 0 stays 0 ("never"). A value far
+ * beyond the monotonic clock's present (more than a day ahead) can only have been written with
+ * wall-clock time by a caller that passed the wrong clock (a reset stamps the time it is given):
+ * it is shown as it is rather than decades in the future.
+ */
+static uint64_t mono_to_wall(uint64_t t, int64_t offset_ms)
+{
+    if (t == 0)
+        return 0;
+    if (t > bw_breaker_now_ms() + 86400000u)
+        return t;
+    int64_t w = (int64_t)t + offset_ms;
+    return w > 0 ? (uint64_t)w : 0;
 }
 
 int bw_probes_readyz(const bw_shm *shm, const bw_config *cfg, bool draining, uint64_t now_ms,
                      struct evbuffer *out)
 {
+    (void)now_ms; /* the timestamp is read below; the breakers need the monotonic clock */
+    uint64_t mono = bw_breaker_now_ms();
     const bw_shm_status *st = &shm->hdr->status;
     draining = draining || atomic_load_explicit(&st->draining, memory_order_relaxed);
     bool ready = !draining, degraded = false;
@@ -54,7 +96,7 @@ int bw_probes_readyz(const bw_shm *shm, const bw_config *cfg, bool draining, uin
     for (size_t i = 0; i < cfg->n_upstreams; i++) {
         const bw_upstream_conf *u = &cfg->upstreams[i];
         bw_breaker_view v;
-        snapshot(shm, u, now_ms, &v);
+        snapshot(shm, u, mono, &v);
         bool healthy = v.state == BW_BREAKER_CLOSED;
         if (v.state == BW_BREAKER_OPEN && u->critical)
             ready = false;
@@ -104,16 +146,132 @@ int bw_probes_readyz(const bw_shm *shm, const bw_config *cfg, bool draining, uin
     return ready ? 200 : 503;
 }
 
+/* One server of /upstreams: its address and what its shared health record says. */
+static void server_json(const bw_outlier_server *rec, const char *address, uint64_t mono,
+                        int64_t offset, const char *sep, struct evbuffer *out)
+{
+    bw_outlier_view v;
+    memset(&v, 0, sizeof(v));
+    v.healthy = true;
+    if (rec != NULL)
+        bw_outlier_snapshot(rec, mono, &v);
+    char until[112] = "null", check[200] = "null";
+    if (v.ejected) {
+        char iso[96];
+        bw_probes_iso8601(mono_to_wall(v.ejected_until, offset), iso, sizeof(iso));
+        snprintf(until, sizeof(until), "\"%s\"", iso);
+    }
+    if (v.check_result != BW_CHECK_NONE) {
+        char iso[96], status[16] = "null";
+        bw_probes_iso8601(v.check_wall_ms, iso, sizeof(iso));
+        if (v.check_status > 0)
+            snprintf(status, sizeof(status), "%d", v.check_status);
+        snprintf(check, sizeof(check), "{\"result\":\"%s\",\"status\":%s,\"time\":\"%s\"}",
+                 bw_check_result_name(v.check_result), status, iso);
+    }
+    char tls[300] = "null";
+    int te = rec ? atomic_load_explicit(&rec->tls_error, memory_order_relaxed) : 0;
+    if (te != 0) {
+        char iso[96];
+        bw_probes_iso8601(atomic_load(&rec->tls_error_wall_ms), iso, sizeof(iso));
+        snprintf(tls, sizeof(tls), "{\"message\":\"%s%s\",\"time\":\"%s\"}",
+                 te > 0 ? "certificate verify failed: " : "TLS handshake failed",
+                 te > 0 ? X509_verify_cert_error_string(te) : "", iso);
+    }
+    evbuffer_add_printf(out,
+                        "%s{\"address\":\"%s\",\"healthy\":%s,\"ejected\":%s,\"ejected_until\":%s,"
+                        "\"active_requests\":%d,\"consecutive_failures\":%u,\"ejections\":%u,"
+                        "\"last_check\":%s,\"tls_error\":%s}",
+                        sep, address, v.healthy ? "true" : "false", v.ejected ? "true" : "false",
+                        until, (int)v.active_requests, v.consecutive_failures, v.ejections, check,
+                        tls);
+}
+
+/* Server keys are "IP:port" written by the master; anything else is not shown as is. */
+static bool safe_key(const char *k)
+{
+    if (k[0] == '\0')
+        return false;
+    for (; *k; k++)
+        if (!isxdigit((unsigned char)*k) && *k != '.' && *k != ':' && *k != '[' && *k != ']')
+            return false;
+    return true;
+}
+
+/* The servers of u: the configured ones, or for a DNS-named upstream the resolved set. */
+static void servers_json(const bw_shm *shm, const bw_upstream_conf *u, uint64_t mono,
+                         int64_t offset, struct evbuffer *out)
+{
+    bw_outlier_group *g = u->shm_slot >= 0 ? bw_shm_servers(shm, u->shm_slot) : NULL;
+    if (!u->dynamic) {
+        for (size_t i = 0; i < u->n_servers; i++) {
+            int k = u->servers[i].shm_index;
+            const bw_outlier_server *rec =
+                g && k >= 0 && k < BW_OUTLIER_MAX_SERVERS ? &g->servers[k] : NULL;
+            server_json(rec, u->servers[i].address, mono, offset, i ? "," : "", out);
+        }
+        return;
+    }
+    if (g == NULL)
+        return;
+    uint16_t idx[BW_OUTLIER_MAX_SERVERS];
+    int n = -1;
+    for (int attempt = 0; attempt < 100 && n < 0; attempt++) {
+        uint64_t seq = UINT64_MAX; /* anything but a published value */
+        n = bw_outlier_members(g, &seq, idx);
+    }
+    for (int i = 0, shown = 0; i < n; i++) {
+        const bw_outlier_server *rec = &g->servers[idx[i]];
+        char key[BW_OUTLIER_KEY_MAX];
+        memcpy(key, rec->key, sizeof(key));
+        key[sizeof(key) - 1] = '\0';
+        if (!safe_key(key))
+            continue;
+        server_json(rec, key, mono, offset, shown++ ? "," : "", out);
+    }
+}
+
+/* DNS state of a DNS-named upstream: ,"dns":{...} (nothing for a literal one). */
+static void dns_json(const bw_shm *shm, const bw_upstream_conf *u, struct evbuffer *out)
+{
+    bw_outlier_group *g = u->shm_slot >= 0 ? bw_shm_servers(shm, u->shm_slot) : NULL;
+    if (!u->dynamic || g == NULL)
+        return;
+    char ok[112] = "null", err[400] = "null";
+    uint64_t ok_ms = atomic_load(&g->dns_ok_wall_ms);
+    if (ok_ms) {
+        char iso[96];
+        bw_probes_iso8601(ok_ms, iso, sizeof(iso));
+        snprintf(ok, sizeof(ok), "\"%s\"", iso);
+    }
+    int code = atomic_load(&g->dns_last_error);
+    uint32_t si = atomic_load(&g->dns_error_server);
+    if (code != 0 && si < u->n_servers) {
+        char iso[96];
+        bw_probes_iso8601(atomic_load(&g->dns_error_wall_ms), iso, sizeof(iso));
+        snprintf(err, sizeof(err), "{\"server\":\"%s\",\"message\":\"%s\",\"time\":\"%s\"}",
+                 u->servers[si].address, evdns_err_to_string(code), iso);
+    }
+    evbuffer_add_printf(out,
+                        ",\"dns\":{\"resolve_interval_ms\":%u,\"resolved_at\":%s,\"errors\":%llu,"
+                        "\"last_error\":%s}",
+                        u->resolve_interval_ms, ok,
+                        (unsigned long long)atomic_load(&g->dns_errors), err);
+}
+
 void bw_probes_upstream_json(const bw_shm *shm, const bw_upstream_conf *u, uint64_t now_ms,
                              struct evbuffer *out)
 {
+    uint64_t mono = bw_breaker_now_ms();
     bw_breaker_view v;
-    snapshot(shm, u, now_ms, &v);
+    snapshot(shm, u, mono, &v);
     char since[96], opened[112];
-    bw_probes_iso8601(v.since_ms, since, sizeof(since));
+    int64_t offset = wall_offset_ms();
+    (void)now_ms;
+    bw_probes_iso8601(mono_to_wall(v.since_ms, offset), since, sizeof(since));
     if (v.opened_at_ms) {
         char iso[96];
-        bw_probes_iso8601(v.opened_at_ms, iso, sizeof(iso));
+        bw_probes_iso8601(mono_to_wall(v.opened_at_ms, offset), iso, sizeof(iso));
         snprintf(opened, sizeof(opened), "\"%s\"", iso);
     } else {
         snprintf(opened, sizeof(opened), "null");
@@ -121,20 +279,24 @@ void bw_probes_upstream_json(const bw_shm *shm, const bw_upstream_conf *u, uint6
     evbuffer_add_printf(out, "{\"name\":\"%s\",\"critical\":%s,\"balance\":\"%s\",\"servers\":[",
                         u->name, u->critical ? "true" : "false",
                         u->balance == BW_BALANCE_LEAST_CONN ? "least_conn" : "round_robin");
-    for (size_t i = 0; i < u->n_servers; i++)
-        evbuffer_add_printf(out, "%s{\"address\":\"%s\"}", i ? "," : "", u->servers[i].address);
+    bw_outlier_group *g = u->shm_slot >= 0 ? bw_shm_servers(shm, u->shm_slot) : NULL;
+    servers_json(shm, u, mono, offset, out);
     evbuffer_add_printf(
         out,
-        "],\"circuit_breaker\":{\"state\":\"%s\",\"since\":\"%s\",\"failures\":%u,"
+        "],\"ejections_total\":%llu,"
+        "\"circuit_breaker\":{\"state\":\"%s\",\"since\":\"%s\",\"failures\":%u,"
         "\"opened_at\":%s,\"retry_after_ms\":%llu,\"wait_ms\":%llu,\"half_open_permits\":%u,"
         "\"transitions\":{\"closed\":%llu,\"open\":%llu,\"half_open\":%llu},\"rejected\":%llu,"
-        "\"forced\":%s}}",
+        "\"forced\":%s}",
+        (unsigned long long)(g ? atomic_load(&g->ejections_total) : 0),
         bw_breaker_state_name(v.state), since, v.failures, opened,
         (unsigned long long)v.retry_after_ms, (unsigned long long)v.wait_ms, v.half_open_permits,
         (unsigned long long)v.transitions[BW_BREAKER_CLOSED],
         (unsigned long long)v.transitions[BW_BREAKER_OPEN],
         (unsigned long long)v.transitions[BW_BREAKER_HALF_OPEN], (unsigned long long)v.rejected,
         v.forced ? "true" : "false");
+    dns_json(shm, u, out);
+    evbuffer_add(out, "}", 1);
 }
 
 void bw_probes_upstreams_json(const bw_shm *shm, const bw_config *cfg, uint64_t now_ms,

@@ -50,6 +50,7 @@
 #include "breakwater/ratelimit.h"
 #include "breakwater/shm.h"
 #include "breakwater/upstream.h"
+#include "breakwater/upstream_tls.h"
 
 /* -Dinstrumentation=false builds (for measuring their cost only) skip breakers and metrics. */
 #ifdef BW_NO_INSTRUMENTATION
@@ -302,8 +303,9 @@ static void log_transition(bw_worker *w, const bw_upstream_conf *u, const bw_bre
 }
 
 /* The outcome hook: tells the upstream's breaker how the exchange it admitted went. Called
- * once per admitted request; a request the client abandoned before any outcome reports nothing
- * (a probe permit it held is recovered by the breaker's lease). */
+ * once per admitted request (for a half-open probe as soon as the response head is in); a
+ * request the client abandoned before any outcome reports nothing but gives its probe permit
+ * back at once. */
 static void report_outcome(bw_session *s, bw_exchange *ex)
 {
     if (!BW_INSTRUMENTED || !ex->ticketed)
@@ -319,12 +321,36 @@ static void report_outcome(bw_session *s, bw_exchange *ex)
         if (outcome == BW_BREAKER_FAILURE)
             bw_metrics_upstream_error(w->shm, w->worker_slot, u->shm_slot, BW_UPERR_STATUS);
     } else {
+        bw_breaker_release(bw_shm_breaker(w->shm, u->shm_slot), &ex->ticket, bw_breaker_now_ms());
         return;
     }
     bw_breaker_transition t = {0};
-    bw_breaker_report(bw_shm_breaker(w->shm, u->shm_slot), &u->breaker, bw_probes_wall_ms(),
+    bw_breaker_report(bw_shm_breaker(w->shm, u->shm_slot), &u->breaker, bw_breaker_now_ms(),
                       &ex->ticket, outcome, (uint32_t)next_random(&w->reqid_state), &t);
     log_transition(w, u, &t);
+}
+
+/* Passive outlier detection: one attempt's outcome on one server (the breaker's definition of
+ * failure), shared by every worker through the server's record. */
+static void server_outcome(bw_session *s, bw_exchange *ex, bw_server *server, bool failed)
+{
+    if (!BW_INSTRUMENTED || server == NULL || server->health == NULL)
+        return;
+    const bw_upstream_conf *u = ex->pool->conf;
+    uint64_t now = bw_breaker_now_ms();
+    if (!failed) {
+        bw_outlier_success(server->health, &u->outlier, now);
+        return;
+    }
+    uint64_t dur = 0;
+    if (bw_outlier_failure(server->health, ex->pool->health, ex->pool->n_servers, &u->outlier, now,
+                           &dur)) {
+        atomic_fetch_add_explicit(&ex->pool->group->ejections_total, 1, memory_order_relaxed);
+        bw_log_warn(s->w->log,
+                    "upstream %s: server %s ejected for %llu ms after %u consecutive failures",
+                    u->name, server->conf->address, (unsigned long long)dur,
+                    u->outlier.consecutive_failures);
+    }
 }
 
 /* Everything that happens once per exchange when it ends: breaker outcome, metrics, access log. */
@@ -377,9 +403,13 @@ static void send_local(bw_session *s, int status, const char *body, const char *
     struct evbuffer *out = bufferevent_get_output(s->bev);
     char json[256];
     if (!body) {
+        /* 503 means an open breaker, except for a DNS-named upstream with no address. */
+        const char *reason = status == 503 && ex->error && strcmp(ex->error, "no servers") == 0
+                                 ? ex->error
+                                 : error_reason(status);
         if (ex->pool)
-            snprintf(json, sizeof(json), "{\"error\":\"%s\",\"upstream\":\"%s\"}\n",
-                     error_reason(status), ex->pool->conf->name);
+            snprintf(json, sizeof(json), "{\"error\":\"%s\",\"upstream\":\"%s\"}\n", reason,
+                     ex->pool->conf->name);
         else
             snprintf(json, sizeof(json), "{\"error\":\"%s\"}\n", error_reason(status));
         body = json;
@@ -564,6 +594,9 @@ static void exchange_clear(bw_exchange *ex)
 {
     exchange_release_upstream(ex, false);
     bw_session *s = ex->s;
+    if (BW_INSTRUMENTED && ex->ticketed && ex->pool) /* ended with no outcome: free the permit */
+        bw_breaker_release(bw_shm_breaker(s->w->shm, ex->pool->conf->shm_slot), &ex->ticket,
+                           bw_breaker_now_ms());
     evbuffer_drain(s->replay_buf, evbuffer_get_length(s->replay_buf));
     memset(ex, 0, sizeof(*ex));
     ex->s = s;
@@ -880,7 +913,7 @@ static bool build_upstream_head(bw_session *s, bw_exchange *ex, const char *auth
                                 const char *path, size_t path_len)
 {
     const bw_http_head *h = &s->req;
-    const char *server = ex->pool->servers[0].conf->address;
+    const char *server = ex->pool->conf->servers[0].address;
     size_t server_len = strlen(server);
 
     size_t bound = h->method_len + path_len + 16 + auth_len + server_len + 256 + ex->reqid_len;
@@ -1145,7 +1178,7 @@ static bool admit_breaker(bw_session *s, bw_exchange *ex)
     uint64_t retry_ms = 0;
     bw_breaker_transition t = {0};
     bw_breaker_decision d = bw_breaker_allow(
-        bw_shm_breaker(w->shm, u->shm_slot), &u->breaker, bw_probes_wall_ms(),
+        bw_shm_breaker(w->shm, u->shm_slot), &u->breaker, bw_breaker_now_ms(),
         u->connect_timeout_ms + u->response_timeout_ms, &ex->ticket, &retry_ms, &t);
     log_transition(w, u, &t);
     if (d != BW_BREAKER_REJECT) {
@@ -1575,10 +1608,32 @@ static void up_read_cb(struct bufferevent *bev, void *arg);
 static void up_write_cb(struct bufferevent *bev, void *arg);
 static void up_event_cb(struct bufferevent *bev, short what, void *arg);
 
+/* A TLS upstream refused or failed the handshake: one clear line, and the reason kept in the
+ * server's record for /upstreams. */
+static void upstream_tls_failed(bw_exchange *ex, unsigned long e)
+{
+    bw_upconn *uc = ex->uc;
+    SSL *ssl = bufferevent_openssl_get_ssl(uc->bev);
+    if (ssl == NULL ||
+        (e == 0 && SSL_get_verify_result(ssl) == X509_V_OK && SSL_get_state(ssl) == TLS_ST_BEFORE))
+        return; /* the TCP connect itself failed: nothing TLS to say */
+    char why[300];
+    int code = bw_upstream_tls_failure(ssl, e, why, sizeof(why));
+    bw_log_warn(ex->s->w->log, "upstream %s: server %s: %s", ex->pool->conf->name,
+                ex->server->conf->address, why);
+    if (ex->server->health) {
+        atomic_store(&ex->server->health->tls_error, code > 0 ? code : -1);
+        atomic_store(&ex->server->health->tls_error_wall_ms, (uint64_t)wall_ms());
+    }
+}
+
 static void upstream_connected(bw_exchange *ex)
 {
     bw_upconn *uc = ex->uc;
     uc->connected = true;
+    if (ex->pool->tls_ctx && ex->server->health &&
+        atomic_load_explicit(&ex->server->health->tls_error, memory_order_relaxed) != 0)
+        atomic_store(&ex->server->health->tls_error, 0);
     if (ex->connect_ms < 0)
         ex->connect_ms = ms_since(&ex->t_attempt);
     const struct timeval *rt = ex->pool->tv_response;
@@ -1599,8 +1654,15 @@ static void start_attempt(bw_exchange *ex, bw_server *same, bool allow_reuse)
     bw_session *s = ex->s;
     bw_upconn *uc;
     for (;;) {
-        bw_server *server = same ? same : bw_upstream_pick(ex->pool, ex->server);
+        bw_server *server =
+            same ? same : bw_upstream_pick(ex->pool, ex->server, bw_breaker_now_ms());
         same = NULL;
+        if (server == NULL) {
+            /* A DNS-named upstream with no address yet (or none left). */
+            ex->error = "no servers";
+            send_error(s, 503, "no servers");
+            return;
+        }
         ex->server = server;
         ex->attempts++;
         clock_gettime(CLOCK_MONOTONIC, &ex->t_attempt);
@@ -1609,9 +1671,19 @@ static void start_attempt(bw_exchange *ex, bw_server *same, bool allow_reuse)
         if (uc)
             break;
         bw_log_warn(s->w->log, "upstream %s: cannot connect to %s: %s", ex->pool->conf->name,
-                    server->conf->address, strerror(errno ? errno : ECONNREFUSED));
+                    server->conf->address,
+                    ex->pool->tls_error[0] ? ex->pool->tls_error
+                                           : strerror(errno ? errno : ECONNREFUSED));
+        /* A connect that fails at once (EMFILE, EADDRNOTAVAIL, ENETUNREACH) is a connect
+         * failure like a refused one: counted, and owed to the breaker if it is the last. */
+        if (BW_INSTRUMENTED)
+            bw_metrics_upstream_error(s->w->shm, s->w->worker_slot, ex->pool->conf->shm_slot,
+                                      BW_UPERR_CONNECT);
+        server_outcome(s, ex, server, true);
         if (ex->attempts > (int)ex->pool->conf->retries || !ex->replayable) {
             ex->error = "connect";
+            ex->failed = true;
+            ex->failure = UF_CONNECT;
             send_error(s, 502, "upstream connect failed");
             return;
         }
@@ -1682,9 +1754,11 @@ static void upstream_failed(bw_exchange *ex, up_failure why)
     if (BW_INSTRUMENTED && !(was_reused && why == UF_RESET))
         bw_metrics_upstream_error(s->w->shm, s->w->worker_slot, ex->pool->conf->shm_slot,
                                   error_kind(why));
-    if (!(was_reused && why == UF_RESET))
+    if (!(was_reused && why == UF_RESET)) {
         bw_log_warn(s->w->log, "upstream %s: server %s: %s (attempt %d)", ex->pool->conf->name,
                     addr, failure_name(why), ex->attempts);
+        server_outcome(s, ex, ex->server, true);
+    }
     switch (may_retry(ex, why, nothing_written, was_reused)) {
     case RETRY_SAME_FRESH:
         ex->attempts--; /* a stale pooled connection does not use up the retry budget */
@@ -1723,8 +1797,17 @@ static void up_event_cb(struct bufferevent *bev, short what, void *arg)
         return;
     }
     if (!uc->connected) {
+        if (ex->pool->tls_ctx)
+            upstream_tls_failed(ex, bufferevent_get_openssl_error(uc->bev));
         upstream_failed(ex, UF_CONNECT);
         return;
+    }
+    if (ex->pool->tls_ctx && (what & BEV_EVENT_ERROR)) {
+        /* TLS 1.3 finishes the client's handshake before the server judges the client
+         * certificate: its refusal arrives as an alert on the first read. */
+        unsigned long e = bufferevent_get_openssl_error(uc->bev);
+        if (e != 0)
+            upstream_tls_failed(ex, e);
     }
     if ((what & BEV_EVENT_EOF) && ex->rstate == RS_BODY && ex->resp_framing == BW_BODY_CLOSE) {
         /* Let the read path take what is buffered, then end the body. */
@@ -1958,6 +2041,12 @@ static void read_response_head(bw_exchange *ex)
             upstream_failed(ex, UF_INVALID);
             return;
         }
+        server_outcome(s, ex, ex->server,
+                       bw_breaker_is_failure_status(&ex->pool->conf->breaker, ex->status));
+        /* A probe is decided by its head: a long or streaming body must not hold the permit
+         * past its lease, nor have its answer discarded as stale when it finally ends. */
+        if (ex->ticketed && ex->ticket.probe)
+            report_outcome(s, ex);
         evbuffer_drain(in, head_len);
         ex->rstate = RS_BODY;
         /* From here on the read timeout is the gap allowed between body reads. */

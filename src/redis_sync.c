@@ -269,12 +269,12 @@ static uint64_t clock_ms(clockid_t id)
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
-/* Breakers keep wall-clock milliseconds (the proxy and the admin endpoints use the same clock),
- * so that opened_at/updated_at compare across the instances of a fleet. */
+/* Breakers run on the monotonic clock (bw_breaker_now_ms); what goes to Redis is converted to
+ * wall-clock milliseconds (to_wall/to_mono) so that opened_at/updated_at compare across hosts. */
 static uint64_t wall_ms(void);
 static uint64_t breaker_ms(void)
 {
-    return wall_ms();
+    return bw_breaker_now_ms();
 }
 
 static uint64_t mono_ms(void)

@@ -427,13 +427,37 @@ static void apply_kind(const bw_shm *shm, enum slot_kind k, const bind_plan *p, 
                 memset(r->upstream, 0, sizeof(r->upstream));
                 memcpy(r->upstream, it->extra, strlen(it->extra) + 1);
             }
-            if (k == KIND_UPSTREAM)
+            if (k == KIND_UPSTREAM) {
                 bw_breaker_init(&bw_shm_upstream_at(shm, (int)i)->breaker, now_ms);
+                bw_outlier_group_init(&bw_shm_upstream_at(shm, (int)i)->servers);
+            }
             if (k == KIND_POLICY)
                 bw_topkeys_init(bw_shm_topkeys(shm, (int)i));
         }
         atomic_store_explicit(&id->generation, generation, memory_order_relaxed);
     }
+}
+
+/* Gives each server of u its per-server health record, by address. */
+static int bind_servers(const bw_shm *shm, bw_upstream_conf *u, uint32_t generation)
+{
+    const char *keys[BW_OUTLIER_MAX_SERVERS];
+    int idx[BW_OUTLIER_MAX_SERVERS];
+    if (u->dynamic) {
+        /* Its records follow the resolved set, published by the resolver (src/resolver.c). */
+        for (size_t k = 0; k < u->n_servers; k++)
+            u->servers[k].shm_index = -1;
+        return 0;
+    }
+    if (u->n_servers > BW_OUTLIER_MAX_SERVERS)
+        return -1;
+    for (size_t k = 0; k < u->n_servers; k++)
+        keys[k] = u->servers[k].address ? u->servers[k].address : "";
+    if (bw_outlier_bind(bw_shm_servers(shm, u->shm_slot), keys, u->n_servers, generation, idx) < 0)
+        return -1;
+    for (size_t k = 0; k < u->n_servers; k++)
+        u->servers[k].shm_index = idx[k];
+    return 0;
 }
 
 int bw_shm_bind(bw_shm *shm, bw_config *cfg, uint64_t generation, uint64_t now_ms, char *err,
@@ -486,8 +510,14 @@ int bw_shm_bind(bw_shm *shm, bw_config *cfg, uint64_t generation, uint64_t now_m
     if (rc == 0) {
         for (int k = 0; k < KIND_COUNT; k++)
             apply_kind(shm, (enum slot_kind)k, &plans[k], (uint32_t)generation, now_ms);
-        for (size_t j = 0; j < cfg->n_upstreams; j++)
+        for (size_t j = 0; j < cfg->n_upstreams; j++) {
             cfg->upstreams[j].shm_slot = plans[KIND_UPSTREAM].items[j].slot;
+            if (bind_servers(shm, &cfg->upstreams[j], (uint32_t)generation) < 0) {
+                snprintf(err, errlen, "shared memory: upstream %s: too many servers",
+                         cfg->upstreams[j].name);
+                rc = -1;
+            }
+        }
         for (size_t j = 0; j < cfg->n_routes; j++)
             cfg->routes[j].shm_slot = plans[KIND_ROUTE].items[j].slot;
         for (size_t j = 0; j < cfg->n_rate_limits; j++)
@@ -713,4 +743,10 @@ bw_topkeys *bw_shm_topkeys(const bw_shm *shm, int policy_slot)
     if (policy_slot < 0 || (uint32_t)policy_slot >= shm->hdr->n_policy_slots)
         return NULL;
     return (bw_topkeys *)((unsigned char *)shm->base + shm->hdr->off_topkeys) + policy_slot;
+}
+
+bw_outlier_group *bw_shm_servers(const bw_shm *shm, int upstream_slot)
+{
+    bw_shm_upstream *u = bw_shm_upstream_at(shm, upstream_slot);
+    return u ? &u->servers : NULL;
 }

@@ -19,6 +19,10 @@
 #include <unistd.h>
 
 #include <event2/buffer.h>
+#include <event2/bufferevent_ssl.h>
+#include <openssl/ssl.h>
+
+#include "breakwater/upstream_tls.h"
 
 static void idle_unlink(bw_upconn *c)
 {
@@ -59,7 +63,17 @@ static void idle_event_cb(struct bufferevent *bev, short what, void *arg)
     upconn_free(c);
 }
 
-bw_upstream_pool *bw_upstream_pools_new(struct event_base *base, const bw_config *cfg)
+static void server_close_idle(bw_server *s)
+{
+    while (s->idle_head) {
+        bw_upconn *c = s->idle_head;
+        idle_unlink(c);
+        upconn_free(c);
+    }
+}
+
+bw_upstream_pool *bw_upstream_pools_new(struct event_base *base, const bw_config *cfg,
+                                        const bw_shm *shm)
 {
     bw_upstream_pool *pools = calloc(cfg->n_upstreams ? cfg->n_upstreams : 1, sizeof(*pools));
     if (!pools)
@@ -68,15 +82,35 @@ bw_upstream_pool *bw_upstream_pools_new(struct event_base *base, const bw_config
         bw_upstream_pool *p = &pools[i];
         p->conf = &cfg->upstreams[i];
         p->base = base;
-        p->n_servers = p->conf->n_servers;
-        p->servers = calloc(p->n_servers ? p->n_servers : 1, sizeof(bw_server));
-        if (!p->servers) {
-            bw_upstream_pools_free(pools, i);
+        p->group = shm && p->conf->shm_slot >= 0 ? bw_shm_servers(shm, p->conf->shm_slot) : NULL;
+        size_t cap = p->conf->dynamic ? BW_OUTLIER_MAX_SERVERS : p->conf->n_servers;
+        p->list = calloc(cap ? cap : 1, sizeof(*p->list));
+        p->health = calloc(cap ? cap : 1, sizeof(*p->health));
+        if (p->conf->dynamic)
+            p->by_record = calloc(BW_OUTLIER_MAX_SERVERS, sizeof(*p->by_record));
+        else
+            p->servers = calloc(cap ? cap : 1, sizeof(bw_server));
+        if (!p->list || !p->health || !(p->by_record || p->servers)) {
+            bw_upstream_pools_free(pools, i + 1);
             return NULL;
         }
-        for (size_t j = 0; j < p->n_servers; j++) {
-            p->servers[j].conf = &p->conf->servers[j];
-            p->servers[j].pool = p;
+        if (p->conf->tls.enabled)
+            p->tls_ctx = bw_upstream_tls_ctx_new(p->conf, p->tls_error, sizeof(p->tls_error));
+        if (!p->conf->dynamic) {
+            p->n_servers = p->conf->n_servers;
+            for (size_t j = 0; j < p->n_servers; j++) {
+                bw_server *sv = &p->servers[j];
+                sv->conf = &p->conf->servers[j];
+                sv->pool = p;
+                sv->member = true;
+                int k = p->conf->servers[j].shm_index;
+                if (p->group && k >= 0 && k < BW_OUTLIER_MAX_SERVERS)
+                    sv->health = &p->group->servers[k];
+                p->list[j] = sv;
+                p->health[j] = sv->health;
+            }
+            if (!p->group || (p->n_servers && !p->health[0]))
+                p->group = NULL; /* all or nothing: the cap must see every server */
         }
         uint32_t ms[3] = {p->conf->connect_timeout_ms, p->conf->response_timeout_ms,
                           p->conf->keepalive_timeout_ms};
@@ -92,18 +126,23 @@ bw_upstream_pool *bw_upstream_pools_new(struct event_base *base, const bw_config
     return pools;
 }
 
+/* Every server the pool has, members or draining, for f. */
+static void pool_each(bw_upstream_pool *p, void (*f)(bw_server *))
+{
+    if (p->by_record) {
+        for (size_t k = 0; k < BW_OUTLIER_MAX_SERVERS; k++)
+            if (p->by_record[k])
+                f(p->by_record[k]);
+    } else if (p->servers) {
+        for (size_t j = 0; j < p->n_servers; j++)
+            f(&p->servers[j]);
+    }
+}
+
 void bw_upstream_pools_close_idle(bw_upstream_pool *pools, size_t n)
 {
-    for (size_t i = 0; i < n; i++) {
-        for (size_t j = 0; j < pools[i].n_servers; j++) {
-            bw_server *s = &pools[i].servers[j];
-            while (s->idle_head) {
-                bw_upconn *c = s->idle_head;
-                idle_unlink(c);
-                upconn_free(c);
-            }
-        }
-    }
+    for (size_t i = 0; i < n; i++)
+        pool_each(&pools[i], server_close_idle);
 }
 
 void bw_upstream_pools_free(bw_upstream_pool *pools, size_t n)
@@ -111,34 +150,129 @@ void bw_upstream_pools_free(bw_upstream_pool *pools, size_t n)
     if (!pools)
         return;
     bw_upstream_pools_close_idle(pools, n);
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
+        if (pools[i].by_record) {
+            for (size_t k = 0; k < BW_OUTLIER_MAX_SERVERS; k++)
+                free(pools[i].by_record[k]);
+        }
+        free(pools[i].by_record);
         free(pools[i].servers);
+        free(pools[i].list);
+        free(pools[i].health);
+        if (pools[i].tls_ctx)
+            SSL_CTX_free(pools[i].tls_ctx);
+    }
     free(pools);
 }
 
-bw_server *bw_upstream_pick(bw_upstream_pool *pool, const bw_server *avoid)
+/*
+ * DNS-named upstreams: copies the set the master published when it changed. A server keeps its
+ * bw_server (and idle connections) while its record keeps its address; one that left the set is
+ * drained: its idle connections close now, connections in use close when their exchange ends.
+ * The bw_server objects are one per shared record and live as long as the pool, so exchanges
+ * and connections never point at freed memory, and churn in DNS costs no memory.
+ */
+static void pool_refresh(bw_upstream_pool *p)
+{
+    bw_outlier_group *g = p->group;
+    if (g == NULL || atomic_load_explicit(&g->members_seq, memory_order_relaxed) == p->members_seq)
+        return;
+    uint16_t idx[BW_OUTLIER_MAX_SERVERS];
+    uint64_t seq = p->members_seq;
+    int n = bw_outlier_members(g, &seq, idx);
+    if (n < 0)
+        return;
+    struct sockaddr_storage addrs[BW_OUTLIER_MAX_SERVERS];
+    uint32_t lens[BW_OUTLIER_MAX_SERVERS];
+    char keys[BW_OUTLIER_MAX_SERVERS][BW_OUTLIER_KEY_MAX];
+    for (int i = 0; i < n; i++) {
+        const bw_outlier_server *rec = &g->servers[idx[i]];
+        lens[i] = rec->addr_len <= sizeof(addrs[i]) ? rec->addr_len : 0;
+        memcpy(&addrs[i], &rec->addr, lens[i]);
+        memcpy(keys[i], rec->key, BW_OUTLIER_KEY_MAX);
+        keys[i][BW_OUTLIER_KEY_MAX - 1] = '\0';
+    }
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load(&g->members_seq) != seq)
+        return; /* rewritten while copying: next pick tries again */
+    for (size_t i = 0; i < p->n_servers; i++)
+        p->list[i]->member = false;
+    size_t m = 0;
+    for (int i = 0; i < n; i++) {
+        if (lens[i] == 0)
+            continue;
+        bw_server *sv = p->by_record[idx[i]];
+        if (sv == NULL) {
+            sv = calloc(1, sizeof(*sv));
+            if (sv == NULL)
+                continue;
+            sv->pool = p;
+            sv->conf = &sv->dyn_conf;
+            sv->dyn_conf.address = sv->dyn_address;
+            sv->dyn_conf.shm_index = idx[i];
+            sv->health = &g->servers[idx[i]];
+            p->by_record[idx[i]] = sv;
+        }
+        if (strcmp(sv->dyn_address, keys[i]) != 0 || sv->dyn_conf.addr.len != lens[i] ||
+            memcmp(&sv->dyn_conf.addr.ss, &addrs[i], lens[i]) != 0) {
+            /* The record now stands for another address: its idle connections go elsewhere. */
+            server_close_idle(sv);
+            memcpy(sv->dyn_address, keys[i], BW_OUTLIER_KEY_MAX);
+            memset(&sv->dyn_conf.addr, 0, sizeof(sv->dyn_conf.addr));
+            memcpy(&sv->dyn_conf.addr.ss, &addrs[i], lens[i]);
+            sv->dyn_conf.addr.len = (socklen_t)lens[i];
+        }
+        sv->member = true;
+        p->list[m] = sv;
+        p->health[m] = sv->health;
+        m++;
+    }
+    for (size_t k = 0; k < BW_OUTLIER_MAX_SERVERS; k++) {
+        bw_server *sv = p->by_record[k];
+        if (sv && !sv->member)
+            server_close_idle(sv); /* left the set: drained */
+    }
+    p->n_servers = m;
+    p->members_seq = seq;
+}
+
+static bool server_usable(const bw_server *s, uint64_t now_ms)
+{
+    return s->health == NULL || bw_outlier_available(s->health, now_ms);
+}
+
+/* The balancing rule over the servers `ok` accepts; NULL when it accepts none. */
+static bw_server *pick_among(bw_upstream_pool *pool, const bw_server *avoid, uint64_t now_ms,
+                             bool healthy_only)
 {
     size_t n = pool->n_servers;
-    if (n == 0)
-        return NULL;
-    if (pool->conf->balance == BW_BALANCE_LEAST_CONN) {
-        /* Start the scan at a rotating offset so ties are spread instead of always going to
-         * the first server. */
-        size_t start = pool->rr_next++ % n;
-        bw_server *best = NULL;
-        for (size_t k = 0; k < n; k++) {
-            bw_server *s = &pool->servers[(start + k) % n];
-            if (s == avoid && n > 1)
-                continue;
-            if (!best || s->active < best->active)
-                best = s;
+    size_t start = pool->rr_next++ % n;
+    bw_server *best = NULL, *avoided = NULL;
+    for (size_t k = 0; k < n; k++) {
+        bw_server *s = pool->list[(start + k) % n];
+        if (healthy_only && !server_usable(s, now_ms))
+            continue;
+        if (s == avoid) {
+            avoided = s;
+            continue;
         }
-        return best;
+        if (pool->conf->balance != BW_BALANCE_LEAST_CONN)
+            return s; /* round robin: the first acceptable one from the rotating start */
+        /* Least connections: the scan starts at a rotating offset so that ties spread. */
+        if (!best || s->active < best->active)
+            best = s;
     }
-    bw_server *s = &pool->servers[pool->rr_next++ % n];
-    if (s == avoid && n > 1)
-        s = &pool->servers[pool->rr_next++ % n];
-    return s;
+    return best ? best : avoided;
+}
+
+bw_server *bw_upstream_pick(bw_upstream_pool *pool, const bw_server *avoid, uint64_t now_ms)
+{
+    if (pool->by_record)
+        pool_refresh(pool);
+    if (pool->n_servers == 0)
+        return NULL;
+    bw_server *s = pick_among(pool, avoid, now_ms, true);
+    return s ? s : pick_among(pool, avoid, now_ms, false);
 }
 
 /* True when an idle connection still looks usable: no EOF, no stray bytes, no pending error. */
@@ -186,6 +320,27 @@ static bw_upconn *connect_new(bw_server *server)
         errno = saved ? saved : ECONNREFUSED;
         return NULL;
     }
+    if (pool->conf->tls.enabled) {
+        /* TLS rides on the TCP bufferevent as a filter: the handshake starts once the connect
+         * completes, and the caller sees BEV_EVENT_CONNECTED only after it. */
+        SSL *ssl = pool->tls_ctx ? bw_upstream_tls_ssl_new(pool->tls_ctx, pool->conf, server->conf)
+                                 : NULL;
+        struct bufferevent *tls =
+            ssl ? bufferevent_openssl_filter_new(pool->base, c->bev, ssl,
+                                                 BUFFEREVENT_SSL_CONNECTING, BEV_OPT_CLOSE_ON_FREE)
+                : NULL;
+        if (tls == NULL) {
+            /* (Out of memory. The SSL is not freed here: with BEV_OPT_CLOSE_ON_FREE some
+             * libevent versions free it on this error path themselves.) */
+            upconn_free(c);
+            errno = EPROTO;
+            return NULL;
+        }
+        c->bev = tls;
+        bufferevent_set_max_single_read(c->bev, 65536);
+        bufferevent_set_max_single_write(c->bev, 65536);
+        bufferevent_set_timeouts(c->bev, NULL, pool->tv_connect);
+    }
     return c;
 }
 
@@ -203,11 +358,16 @@ bw_upconn *bw_upstream_acquire(bw_server *server, bool allow_reuse)
         bufferevent_set_timeouts(c->bev, NULL, NULL);
         c->reused = true;
         server->active++;
+        if (server->health)
+            bw_outlier_active(server->health, 1);
         return c;
     }
     bw_upconn *c = connect_new(server);
-    if (c)
+    if (c) {
         server->active++;
+        if (server->health)
+            bw_outlier_active(server->health, 1);
+    }
     return c;
 }
 
@@ -216,8 +376,10 @@ void bw_upstream_release(bw_upconn *c)
     bw_server *s = c->server;
     const bw_upstream_conf *uc = s->pool->conf;
     s->active--;
+    if (s->health)
+        bw_outlier_active(s->health, -1);
     c->owner = NULL;
-    if (s->n_idle >= uc->keepalive_max_idle ||
+    if (!s->member || s->n_idle >= uc->keepalive_max_idle ||
         evbuffer_get_length(bufferevent_get_input(c->bev)) > 0 ||
         evbuffer_get_length(bufferevent_get_output(c->bev)) > 0) {
         upconn_free(c);
@@ -240,5 +402,7 @@ void bw_upstream_release(bw_upconn *c)
 void bw_upstream_close(bw_upconn *c)
 {
     c->server->active--;
+    if (c->server->health)
+        bw_outlier_active(c->server->health, -1);
     upconn_free(c);
 }

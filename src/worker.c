@@ -279,7 +279,7 @@ int bw_worker_run(const bw_worker_args *args)
     if (!w.tv_idle)
         w.tv_idle = &w.tv_idle_plain;
     w.listeners = calloc(w.cfg->n_listeners, sizeof(*w.listeners));
-    w.pools = bw_upstream_pools_new(w.base, w.cfg);
+    w.pools = bw_upstream_pools_new(w.base, w.cfg, w.shm);
     w.rl_params = calloc(w.cfg->n_rate_limits ? w.cfg->n_rate_limits : 1, sizeof(*w.rl_params));
     w.resp_head = malloc(sizeof(*w.resp_head));
     w.path_buf_cap = w.cfg->limits.max_header_bytes ? w.cfg->limits.max_header_bytes : 65536;

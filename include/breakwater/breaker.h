@@ -166,6 +166,37 @@ bool bw_breaker_force_open(bw_breaker *b, const bw_breaker_conf *c, uint64_t for
                            uint64_t now_ms, bw_breaker_transition *t);
 bool bw_breaker_is_forced(const bw_breaker *b);
 
+/*
+ * The clock every breaker caller passes as now_ms: CLOCK_MONOTONIC in milliseconds, shared by all
+ * processes of the host. A step of the wall clock (NTP, an operator) changes no open period and
+ * no lease; wall time is derived from it only for display and for the fleet record.
+ */
+uint64_t bw_breaker_now_ms(void);
+
+/*
+ * Time passing with no traffic: open -> half_open once the open period is over, taking no
+ * permit, so that readiness, /upstreams and the metrics show half_open without a request. The
+ * master calls it periodically for every breaker. True (and t filled) for the caller that made
+ * the transition. t may be NULL.
+ */
+bool bw_breaker_tick(bw_breaker *b, const bw_breaker_conf *c, uint64_t now_ms,
+                     bw_breaker_transition *t);
+
+/*
+ * Gives back the half-open permit of a probe that ends with no outcome (its client went away
+ * before the upstream answered): the next request may probe at once instead of waiting for the
+ * lease to expire. No-op for tickets that are not probes or belong to an earlier round.
+ */
+void bw_breaker_release(bw_breaker *b, const bw_breaker_ticket *ticket, uint64_t now_ms);
+
+/*
+ * An active health check passed while the breaker is not closed: it counts as one successful
+ * probe (open past its wait moves to half_open first), so an upstream that came back closes its
+ * breaker with no client traffic. Returns true when it made a transition (t filled; NULL ok).
+ */
+bool bw_breaker_check_passed(bw_breaker *b, const bw_breaker_conf *c, uint64_t now_ms,
+                             bw_breaker_transition *t);
+
 /* Operator reset: closed, with counters and backoff cleared, and no longer forced open. True
  * when the state changed. */
 bool bw_breaker_reset(bw_breaker *b, uint64_t now_ms, bw_breaker_transition *t);

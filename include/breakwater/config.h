@@ -101,7 +101,39 @@ typedef struct bw_server_conf {
     char *address; /* as written; used as the server label */
     bw_sockaddr addr;
     uint32_t weight; /* reserved for weighted balancing; default 1 */
+    int shm_index;   /* assigned by bw_shm_bind(): its per-server health record */
+    char *host;      /* a DNS name to resolve (addr unset), or NULL for an IP literal */
+    uint16_t port;   /* with host: the port every resolved address gets */
 } bw_server_conf;
+
+/* Passive outlier detection ("outlier_detection"); consecutive_failures 0 turns it off. */
+typedef struct bw_outlier_conf {
+    uint32_t consecutive_failures; /* default 5 */
+    uint32_t base_ejection_ms;     /* default 30000; grows with ejections in a row */
+    uint32_t max_ejection_ms;      /* default 300000 */
+    uint32_t max_ejection_percent; /* default 50; at least one server always stays in */
+} bw_outlier_conf;
+
+/* TLS to an upstream ("tls" on an upstream); absent = plain TCP. */
+typedef struct bw_upstream_tls_conf {
+    bool enabled;
+    bool verify;       /* default true: the certificate must chain to ca and match server_name */
+    char *ca;          /* PEM bundle; NULL = the system's default trust store */
+    char *server_name; /* SNI and the name verified; NULL = the host of each server */
+    char *cert, *key;  /* client certificate for mutual TLS (both or neither) */
+} bw_upstream_tls_conf;
+
+/* Active health checks ("health_check"); absent = enabled false. */
+typedef struct bw_health_check_conf {
+    bool enabled;
+    char *path;                   /* default "/healthz" */
+    char *host;                   /* Host header; NULL = the server's address */
+    uint32_t interval_ms;         /* default 5000 */
+    uint32_t timeout_ms;          /* default 1000: connect, request and whole response */
+    uint32_t healthy_threshold;   /* passes in a row to become healthy; default 2 */
+    uint32_t unhealthy_threshold; /* failures in a row to become unhealthy; default 3 */
+    uint16_t expect_min, expect_max; /* inclusive status range; default 200..399 */
+} bw_health_check_conf;
 
 typedef struct bw_upstream_conf {
     char *name;
@@ -114,7 +146,12 @@ typedef struct bw_upstream_conf {
     uint32_t keepalive_max_idle;  /* idle pooled connections per server per worker; default 32 */
     uint32_t keepalive_timeout_ms; /* idle pooled connection lifetime; default 60000 */
     uint32_t retries;              /* extra attempts on another server; default 1 */
+    uint32_t resolve_interval_ms;  /* re-resolution of server names; default 5000 */
+    bool dynamic;                  /* some server is a DNS name: the set comes from the resolver */
     bw_breaker_conf breaker;
+    bw_outlier_conf outlier;
+    bw_health_check_conf health_check;
+    bw_upstream_tls_conf tls;
     int shm_slot; /* assigned by bw_shm_bind(): breaker and counters slot */
 } bw_upstream_conf;
 
@@ -227,6 +264,10 @@ typedef struct bw_config {
     char **notes;
     bool *notes_warn;
     size_t n_notes;
+    bw_sockaddr *resolvers;       /* "resolvers": replace /etc/resolv.conf's nameservers */
+    size_t n_resolvers;
+    uint32_t resolver_timeout_ms; /* per DNS attempt; default 2000 */
+    uint32_t resolver_attempts;   /* per query; default 2 */
 } bw_config;
 
 /* Environment lookup, injectable for tests (NULL means getenv). */
@@ -245,6 +286,14 @@ bw_config *bw_config_parse(const char *text, size_t len, const char *path, bw_ge
                            bw_diag *diag);
 
 void bw_config_free(bw_config *cfg);
+
+/*
+ * Parses "name:port" where name is a DNS host name (letters, digits, '-', '_', dots; labels of
+ * 1..63, at most 253 in all). Writes the name (NUL-terminated, at most hostlen - 1) and the port.
+ * Returns 0, or -1 with a reason in err.
+ */
+int bw_server_name_parse(const char *text, char *host, size_t hostlen, uint16_t *port, char *err,
+                         size_t errlen);
 
 /* Index of the upstream with this name, or -1. */
 int bw_config_find_upstream(const bw_config *cfg, const char *name);

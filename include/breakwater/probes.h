@@ -14,7 +14,11 @@
 #include "breakwater/config.h"
 #include "breakwater/shm.h"
 
-/* Wall-clock milliseconds (breaker timestamps use this clock so that the fleet agrees). */
+/*
+ * Wall-clock milliseconds, for display only: the now_ms the functions below take is this clock.
+ * Breaker timing is read from bw_breaker_now_ms() (monotonic) inside, and breaker times are
+ * shown converted to wall time.
+ */
 uint64_t bw_probes_wall_ms(void);
 
 /*

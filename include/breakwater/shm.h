@@ -23,6 +23,7 @@
 
 #include "breakwater/breaker.h"
 #include "breakwater/config.h"
+#include "breakwater/outlier.h"
 #include "breakwater/ratelimit.h"
 #include "breakwater/topkeys.h"
 
@@ -83,6 +84,7 @@ typedef struct bw_shm_named {
 typedef struct bw_shm_upstream {
     bw_shm_named id;
     bw_breaker breaker;
+    bw_outlier_group servers; /* per-server health, records bound by address */
 } bw_shm_upstream;
 
 typedef struct bw_shm_route {
@@ -134,7 +136,8 @@ void bw_shm_destroy(bw_shm *shm);
  * a name seen before gets its old slot back (so its breaker and counters carry on), a new name
  * gets a free slot (its breaker freshly initialised), names no longer used keep their slot until
  * it is needed. Writes the slot numbers into cfg->upstreams[i].shm_slot, routes[i].shm_slot,
- * rate_limits[i].shm_slot and listeners[i].shm_slot. Returns 0, or -1 with a reason in err when
+ * rate_limits[i].shm_slot and listeners[i].shm_slot, and gives every server of every upstream its
+ * health record (cfg->upstreams[i].servers[k].shm_index, bound by address). Returns 0, or -1 with a reason in err when
  * the region is too small ("restart needed").
  */
 int bw_shm_bind(bw_shm *shm, bw_config *cfg, uint64_t generation, uint64_t now_ms, char *err,
@@ -146,6 +149,7 @@ int bw_shm_worker_acquire(bw_shm *shm, pid_t pid, uint64_t now_ms);
 void bw_shm_worker_release(bw_shm *shm, int slot);
 
 bw_breaker *bw_shm_breaker(const bw_shm *shm, int upstream_slot);
+bw_outlier_group *bw_shm_servers(const bw_shm *shm, int upstream_slot);
 bw_shm_upstream *bw_shm_upstream_at(const bw_shm *shm, int upstream_slot);
 bw_shm_route *bw_shm_route_at(const bw_shm *shm, int route_slot);
 bw_shm_named *bw_shm_policy_at(const bw_shm *shm, int policy_slot);

@@ -2080,3 +2080,18 @@ def server_rx_queue(port, client_port):
             if f[1].endswith(want_local) and f[2].endswith(want_peer):
                 return int(f[4].split(":")[1], 16)
     return None
+
+
+# Upstream servers on other loopback addresses (DNS tests give several servers one port)
+
+def upstream_on(host, handler=None, port=0):
+    """A started Upstream listening on host (for example 127.0.0.2) instead of 127.0.0.1."""
+    up = Upstream(handler)
+    up._listener.close()
+    up._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    up._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    up._listener.bind((host, port))
+    up._listener.listen(128)
+    up.port = up._listener.getsockname()[1]
+    up.address = "%s:%d" % (host, up.port)
+    return up.start()

@@ -1189,6 +1189,14 @@ static void test_forced_open(void **state)
         assert_int_equal(bw_breaker_allow(&b, &c, now, PROBE_TIMEOUT, &tk, &retry, NULL),
                          BW_BREAKER_REJECT);
     assert_int_equal(retry, c.reset_timeout_ms);
+    /* Time passing with no traffic (the master's tick) and passing health checks leave it
+     * open too: only a reset ends maintenance. */
+    for (uint64_t now = 2000; now < 2000 + 10 * 300000; now += 30000) {
+        assert_false(bw_breaker_tick(&b, &c, now, NULL));
+        assert_false(bw_breaker_check_passed(&b, &c, now, NULL));
+    }
+    bw_breaker_snapshot(&b, &c, 2000 + 10 * 300000, &v);
+    assert_int_equal(v.state, BW_BREAKER_OPEN);
     /* A late success of a request admitted before cannot close it either. */
     bw_breaker_report(&b, &c, 5000, &early, BW_BREAKER_SUCCESS, 0, NULL);
     bw_breaker_snapshot(&b, &c, 5000, &v);
@@ -1208,6 +1216,123 @@ static void test_forced_open(void **state)
     assert_true(bw_breaker_force_open(&b, &c, 6500, 8000, NULL));
     bw_breaker_snapshot(&b, &c, 8000, &v);
     assert_int_equal(v.forced_at_ms, 6500);
+}
+
+/* Recovery without traffic: tick() moves open to half_open once the wait is over, taking no
+ * permit, and exactly once however many callers race; before the wait it does nothing. */
+static void test_tick_moves_to_half_open_without_requests(void **state)
+{
+    (void)state;
+    bw_breaker_conf c = conf_default();
+    bw_breaker b;
+    open_at(&b, &c, 1000);
+    bw_breaker_transition t;
+    assert_false(bw_breaker_tick(&b, &c, 1000 + 29999, &t));
+    assert_false(t.happened);
+    assert_int_equal(state_of(&b, &c, 1000 + 29999), BW_BREAKER_OPEN);
+    assert_true(bw_breaker_tick(&b, &c, 1000 + 30000, &t));
+    assert_true(t.happened);
+    assert_int_equal(t.from, BW_BREAKER_OPEN);
+    assert_int_equal(t.to, BW_BREAKER_HALF_OPEN);
+    assert_int_equal(t.cause, BW_BREAKER_CAUSE_TIMEOUT);
+    assert_false(bw_breaker_tick(&b, &c, 1000 + 30001, &t));
+    bw_breaker_view v;
+    bw_breaker_snapshot(&b, &c, 31001, &v);
+    assert_int_equal(v.state, BW_BREAKER_HALF_OPEN);
+    assert_int_equal(v.half_open_permits, 0);
+    assert_int_equal(v.transitions[BW_BREAKER_HALF_OPEN], 1);
+    /* The first request after the tick is the probe, and its success closes the breaker. */
+    bw_breaker_ticket tk;
+    assert_int_equal(allow(&b, &c, 31002, &tk), BW_BREAKER_ALLOW_PROBE);
+    bw_breaker_report(&b, &c, 31003, &tk, BW_BREAKER_SUCCESS, 0, &t);
+    assert_int_equal(t.to, BW_BREAKER_CLOSED);
+    /* tick() leaves closed and half_open breakers alone. */
+    assert_false(bw_breaker_tick(&b, &c, 99999, NULL));
+    assert_int_equal(state_of(&b, &c, 99999), BW_BREAKER_CLOSED);
+}
+
+/* A probe whose client went away gives its permit back: the next request probes at once
+ * instead of waiting a whole lease (probe_timeout_ms). A stale or non-probe ticket is a no-op. */
+static void test_release_returns_the_probe_permit(void **state)
+{
+    (void)state;
+    bw_breaker_conf c = conf_default();
+    bw_breaker b;
+    open_at(&b, &c, 0);
+    bw_breaker_ticket tk, tk2;
+    assert_int_equal(allow(&b, &c, 30000, &tk), BW_BREAKER_ALLOW_PROBE);
+    assert_int_equal(allow(&b, &c, 30001, &tk2), BW_BREAKER_REJECT);
+    bw_breaker_release(&b, &tk, 30002);
+    assert_int_equal(allow(&b, &c, 30003, &tk2), BW_BREAKER_ALLOW_PROBE);
+    /* (Permits are counted, not named: the caller releases a ticket at most once.) */
+    bw_breaker_view v;
+    bw_breaker_snapshot(&b, &c, 30004, &v);
+    assert_int_equal(v.half_open_permits, 1);
+    bw_breaker_ticket closed_tk = {
+        .generation = tk2.generation, .round = tk2.round, .probe = false};
+    bw_breaker_release(&b, &closed_tk, 30005);
+    bw_breaker_snapshot(&b, &c, 30005, &v);
+    assert_int_equal(v.half_open_permits, 1);
+    bw_breaker_transition t;
+    bw_breaker_report(&b, &c, 30006, &tk2, BW_BREAKER_SUCCESS, 0, &t);
+    assert_int_equal(t.to, BW_BREAKER_CLOSED);
+    /* A ticket of the half-open period that is over changes nothing in the closed one. */
+    bw_breaker_release(&b, &tk2, 30007);
+    assert_int_equal(state_of(&b, &c, 30007), BW_BREAKER_CLOSED);
+}
+
+/* Passing active checks count as probe successes: with a threshold of 2, the check that finds
+ * the wait over moves to half_open, and two more passing checks close it, with no request. */
+static void test_check_passed_counts_as_probe(void **state)
+{
+    (void)state;
+    bw_breaker_conf c = conf_default();
+    c.half_open_success_threshold = 2;
+    bw_breaker b;
+    open_at(&b, &c, 0);
+    bw_breaker_transition t;
+    assert_false(bw_breaker_check_passed(&b, &c, 100, &t)); /* still inside the open period */
+    assert_int_equal(state_of(&b, &c, 100), BW_BREAKER_OPEN);
+    assert_true(bw_breaker_check_passed(&b, &c, 30000, &t));
+    assert_int_equal(t.to, BW_BREAKER_HALF_OPEN);
+    assert_false(bw_breaker_check_passed(&b, &c, 30100, &t));
+    assert_int_equal(state_of(&b, &c, 30100), BW_BREAKER_HALF_OPEN);
+    assert_true(bw_breaker_check_passed(&b, &c, 30200, &t));
+    assert_int_equal(t.to, BW_BREAKER_CLOSED);
+    assert_int_equal(t.cause, BW_BREAKER_CAUSE_PROBE_OK);
+    assert_false(bw_breaker_check_passed(&b, &c, 30300, &t));
+    assert_int_equal(state_of(&b, &c, 30300), BW_BREAKER_CLOSED);
+}
+
+/* The clock the proxy passes is monotonic and starts wherever the host's uptime is; nothing in
+ * the record depends on the wall clock, so an open period lasts reset_timeout_ms of the clock
+ * it was opened with, and the lease of a dead probe holder expires after probe_timeout_ms. */
+static void test_monotonic_clock_is_what_counts(void **state)
+{
+    (void)state;
+    uint64_t a = bw_breaker_now_ms();
+    struct timespec ts = {0, 2 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+    uint64_t b_ms = bw_breaker_now_ms();
+    assert_true(b_ms >= a + 1);
+    struct timespec mono;
+    clock_gettime(CLOCK_MONOTONIC, &mono);
+    uint64_t m = (uint64_t)mono.tv_sec * 1000u + (uint64_t)mono.tv_nsec / 1000000u;
+    assert_true(m >= b_ms && m - b_ms < 1000);
+
+    bw_breaker_conf c = conf_default();
+    bw_breaker b;
+    open_at(&b, &c, 5000);
+    bw_breaker_ticket tk;
+    uint64_t ra = 0;
+    assert_int_equal(bw_breaker_allow(&b, &c, 5000 + 29000, PROBE_TIMEOUT, &tk, &ra, NULL),
+                     BW_BREAKER_REJECT);
+    assert_int_equal(ra, 1000);
+    assert_int_equal(bw_breaker_retry_after_s(ra), 1);
+    assert_int_equal(allow(&b, &c, 35000, &tk), BW_BREAKER_ALLOW_PROBE);
+    /* The holder dies: the permit comes back after exactly one probe timeout. */
+    assert_int_equal(allow(&b, &c, 35000 + PROBE_TIMEOUT - 1, &tk), BW_BREAKER_REJECT);
+    assert_int_equal(allow(&b, &c, 35000 + PROBE_TIMEOUT, &tk), BW_BREAKER_ALLOW_PROBE);
 }
 
 int main(void)
@@ -1260,6 +1385,10 @@ int main(void)
         cmocka_unit_test(test_describe_all_causes),
         cmocka_unit_test(test_forced_open),
         cmocka_unit_test(test_stress_processes_with_kill),
+        cmocka_unit_test(test_tick_moves_to_half_open_without_requests),
+        cmocka_unit_test(test_release_returns_the_probe_permit),
+        cmocka_unit_test(test_check_passed_counts_as_probe),
+        cmocka_unit_test(test_monotonic_clock_is_what_counts),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
