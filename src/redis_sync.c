@@ -96,6 +96,11 @@ typedef enum cmd_kind {
     CMD_HEARTBEAT,
     CMD_LIVE,
     CMD_RL,
+    CMD_EPOCH_SET,  /* SET {prefix}:epoch NX: creates the epoch after a data loss */
+    CMD_EPOCH_HEAD, /* GET of the epoch before the round's breaker reads */
+    CMD_EPOCH_TAIL, /* GET of the epoch after them: confirms what they saw */
+    CMD_INDEX,      /* HGETALL {prefix}:circuit-breaker */
+    CMD_INDEX_SET,  /* copies one record's state into the index */
 } cmd_kind;
 
 /* What this instance knows about one upstream's fleet record (indexed by the shm slot). */
@@ -109,6 +114,10 @@ typedef struct br_rec {
     bool pending_del;    /* an operator reset whose DEL has not been acknowledged */
     uint64_t applied_at; /* stamp of the newest record written or applied */
     char applied_by[ID_MAX];
+    bool del_seen;   /* this round read no record where one was known: a reset, once the
+                      * round's closing epoch read confirms Redis kept its data */
+    bool republish;  /* Redis lost its data: write the last known record back as it was */
+    int8_t in_index; /* the index field read this round: a bw_breaker_state, or -1 */
 } br_rec;
 
 /* What this instance has collected and delivered for one rate-limit slot's key. */
@@ -142,6 +151,7 @@ typedef struct cmd {
     uint32_t idx;
     bool orphan;
     uint64_t inc, cum, local_at;
+    bool republish; /* CMD_BREAKER: a record written back after a data loss */
     rl_item *items; /* CMD_RL: the keys of the batch */
     uint32_t n_items;
 } cmd;
@@ -195,6 +205,17 @@ struct bw_redis_sync {
      * or used recently enough to keep pulling). The round's scan reads only this and the shared
      * pending counts, not the records themselves (over 150 bytes each). */
     uint8_t *rl_busy;
+
+    /* Fleet epoch: a random value in {prefix}:epoch, created by the first instance to find it
+     * missing. A record that vanishes while the epoch stays is an operator's reset; a changed
+     * or missing epoch means Redis lost its data, and every instance re-publishes instead. */
+    char epoch[40];
+    bool epoch_known;
+    bool round_lost;  /* this round found the epoch changed: nothing missing is a reset */
+    bool index_known; /* the index hash existed the last time it was read */
+    bool index_read;  /* this round's index read succeeded (in_index is valid) */
+    bool index_del_seen;
+    uint64_t data_losses, fleet_resets;
 };
 
 /* The rate-limit flush, for one key or a batch of them. KEYS: the keys. ARGV: instance, then
@@ -246,7 +267,8 @@ static const char rl_script[] =
     "return out\n";
 
 /* The breaker write: only when newer than the stored record (by updated_at_ms, then
- * updated_by), announced on the events channel; answers the record as it now stands.
+ * updated_by), announced on the events channel and copied into the index hash (KEYS[2], one
+ * field per upstream holding its state); answers the record as it now stands.
  * ARGV: state, failures, opened_at_ms, updated_by, updated_at_ms, channel, upstream. */
 static const char br_script[] =
     "local cur = redis.call('HMGET', KEYS[1], 'updated_at_ms', 'updated_by')\n"
@@ -255,9 +277,17 @@ static const char br_script[] =
     "if cat == nil or at > cat or (at == cat and ARGV[4] > cby) then\n"
     "  redis.call('HSET', KEYS[1], 'state', ARGV[1], 'failures', ARGV[2], 'opened_at_ms',\n"
     "             ARGV[3], 'updated_by', ARGV[4], 'updated_at_ms', ARGV[5])\n"
+    "  redis.call('HSET', KEYS[2], ARGV[7], ARGV[1])\n"
     "  redis.call('PUBLISH', ARGV[6], ARGV[7] .. ' ' .. ARGV[1] .. ' ' .. ARGV[4])\n"
     "end\n"
     "return redis.call('HGETALL', KEYS[1])\n";
+
+/* Copies a record's state (closed when there is none) into the index: read and write in one
+ * script, so the index never gets a state older than the record. KEYS: record, index.
+ * ARGV: upstream. */
+static const char index_script[] = "local s = redis.call('HGET', KEYS[1], 'state') or 'closed'\n"
+                                   "redis.call('HSET', KEYS[2], ARGV[1], s)\n"
+                                   "return s\n";
 
 static uint64_t clock_ms(clockid_t id)
 {
@@ -829,6 +859,204 @@ static int parse_record(const redisReply *rep, br_record *out)
     return out->has_state && have_at ? 1 : -1;
 }
 
+static void index_key(const bw_redis_sync *r, char *buf, size_t len)
+{
+    snprintf(buf, len, "%s:circuit-breaker", r->prefix);
+}
+
+static cmd *new_cmd(bw_redis_sync *r, cmd_kind kind, uint32_t idx);
+static bool send_words(bw_redis_sync *r, cmd_kind kind, uint32_t idx, int argc, const char **argv);
+
+/* Brings the index field of one upstream to the state of its record (state, or closed when
+ * there is none), when this round's index read shows something else. Not while a reset or a
+ * data loss is being settled: the records themselves are about to change. */
+static void index_sync(bw_redis_sync *r, uint32_t slot, const bw_upstream_conf *u,
+                       bw_breaker_state state)
+{
+    br_rec *rec = &r->br[slot];
+    if (!r->index_read || r->round_lost || r->index_del_seen || rec->pending_del || rec->del_seen ||
+        rec->in_index == (int8_t)state)
+        return;
+    char key[BW_SHM_NAME_MAX + 128], idx[160];
+    breaker_key(r, u->name, key, sizeof(key));
+    index_key(r, idx, sizeof(idx));
+    const char *a[] = {"EVAL", index_script, "2", key, idx, u->name};
+    if (send_words(r, CMD_INDEX_SET, slot, 6, a))
+        rec->in_index = (int8_t)state;
+}
+
+/* Closes the local breaker as an operator's reset does, so that no record stamped before now
+ * is applied again; with del, the record is deleted from Redis too (in the next round). */
+static void reset_local(bw_redis_sync *r, const bw_upstream_conf *u, bool del)
+{
+    bw_breaker *b = bw_shm_breaker(r->shm, u->shm_slot);
+    uint64_t nm = breaker_ms();
+    bw_breaker_reset(b, nm, NULL);
+    bw_breaker_view v;
+    bw_breaker_snapshot(b, &u->breaker, nm, &v);
+    br_rec *rec = &r->br[u->shm_slot];
+    rec->gen = v.generation;
+    rec->dirty = false;
+    rec->republish = false;
+    rec->applied_at = wall_ms();
+    rec->applied_by[0] = '\0';
+    if (del)
+        rec->pending_del = true;
+}
+
+/* A record this instance knew is gone while the epoch stayed: an operator's DEL, taken as a
+ * fleet-wide reset of that breaker. */
+static void apply_deleted(bw_redis_sync *r, const bw_upstream_conf *u)
+{
+    bw_breaker *b = bw_shm_breaker(r->shm, u->shm_slot);
+    uint64_t nm = breaker_ms();
+    bw_breaker_view v;
+    bw_breaker_snapshot(b, &u->breaker, nm, &v);
+    if (v.state != BW_BREAKER_CLOSED) {
+        bw_breaker_reset(b, nm, NULL);
+        bw_log_info(r->log, "upstream %s: breaker reset (its Redis record was deleted)", u->name);
+    }
+    bw_breaker_snapshot(b, &u->breaker, nm, &v);
+    br_rec *rec = &r->br[u->shm_slot];
+    rec->gen = v.generation;
+    rec->dirty = false;
+    rec->republish = false;
+    rec->applied_at = 0;
+    rec->applied_by[0] = '\0';
+}
+
+/* Redis lost its data (restart without persistence, FLUSHALL, failover to an empty replica):
+ * nothing missing is a reset. Each breaker's last known record is written back as it was (same
+ * stamp and author, so every instance writes the same thing and nobody re-applies it); local
+ * transitions not yet written go as usual; rate-limit flushes carry on from their
+ * acknowledged totals. */
+static void data_loss(bw_redis_sync *r, const char *epoch)
+{
+    r->data_losses++;
+    r->round_lost = true;
+    r->index_known = false;
+    r->index_del_seen = false;
+    for (uint32_t i = 0; i < r->n_br; i++) {
+        br_rec *rec = &r->br[i];
+        rec->del_seen = false;
+        rec->known = false;
+        if (rec->used && rec->applied_at != 0 && rec->applied_by[0] != '\0')
+            rec->republish = true;
+    }
+    bw_log_warn(r->log, "redis: the fleet epoch changed (Redis lost its data); re-publishing this "
+                        "instance's breaker states, open breakers stay open");
+    if (epoch != NULL) {
+        copy_str(r->epoch, sizeof(r->epoch), epoch);
+        r->epoch_known = true;
+    } else {
+        r->epoch_known = false;
+    }
+}
+
+static bool reply_is_epoch(const redisReply *rep)
+{
+    return rep->type == REDIS_REPLY_STRING && rep->len > 0 && rep->len < 40;
+}
+
+static void epoch_head_reply(bw_redis_sync *r, const redisReply *rep)
+{
+    if (!reply_is_epoch(rep)) {
+        if (rep->type != REDIS_REPLY_NIL) {
+            r->round_failed = true;
+            fail(r, ERR_REPLY, "%s:epoch is not a short string; breaker resets are not applied",
+                 r->prefix);
+            r->round_lost = true; /* nothing can be told apart this round */
+        } else if (r->epoch_known) {
+            data_loss(r, NULL);
+        } else {
+            r->round_lost = true;
+        }
+        return;
+    }
+    if (!r->epoch_known) {
+        copy_str(r->epoch, sizeof(r->epoch), rep->str);
+        r->epoch_known = true;
+    } else if (strcmp(r->epoch, rep->str) != 0) {
+        data_loss(r, rep->str);
+    }
+}
+
+/* The round's closing epoch read: when it still shows the epoch the round began with, records
+ * found missing were deleted by an operator, and so was the index. */
+static void epoch_tail_reply(bw_redis_sync *r, const redisReply *rep)
+{
+    bool same =
+        !r->round_lost && r->epoch_known && reply_is_epoch(rep) && strcmp(r->epoch, rep->str) == 0;
+    if (!same && !r->round_lost) {
+        if (reply_is_epoch(rep) || rep->type == REDIS_REPLY_NIL)
+            data_loss(r, reply_is_epoch(rep) ? rep->str : NULL);
+        else
+            r->round_lost = true;
+    }
+    if (same && r->index_del_seen) {
+        r->fleet_resets++;
+        bw_log_info(r->log, "redis: every breaker reset (%s:circuit-breaker was deleted)",
+                    r->prefix);
+        for (size_t i = 0; i < r->cfg->n_upstreams; i++) {
+            const bw_upstream_conf *u = &r->cfg->upstreams[i];
+            if (u->shm_slot >= 0 && (uint32_t)u->shm_slot < r->n_br)
+                reset_local(r, u, true);
+        }
+    }
+    for (size_t i = 0; i < r->cfg->n_upstreams; i++) {
+        const bw_upstream_conf *u = &r->cfg->upstreams[i];
+        if (u->shm_slot < 0 || (uint32_t)u->shm_slot >= r->n_br)
+            continue;
+        br_rec *rec = &r->br[u->shm_slot];
+        if (same && rec->del_seen && !r->index_del_seen)
+            apply_deleted(r, u);
+        rec->del_seen = false;
+    }
+    r->index_del_seen = false;
+}
+
+static int state_of_name(const char *s, bw_breaker_state *out)
+{
+    if (strcmp(s, "closed") == 0)
+        *out = BW_BREAKER_CLOSED;
+    else if (strcmp(s, "open") == 0)
+        *out = BW_BREAKER_OPEN;
+    else if (strcmp(s, "half_open") == 0)
+        *out = BW_BREAKER_HALF_OPEN;
+    else
+        return -1;
+    return 0;
+}
+
+/* HGETALL of the index: which state it holds for each upstream, and whether it vanished. */
+static void index_reply(bw_redis_sync *r, const redisReply *rep)
+{
+    if (rep->type != REDIS_REPLY_ARRAY || rep->elements % 2 != 0) {
+        r->round_failed = true;
+        fail(r, ERR_REPLY, "unexpected reply reading %s:circuit-breaker", r->prefix);
+        return;
+    }
+    for (uint32_t i = 0; i < r->n_br; i++)
+        r->br[i].in_index = -1;
+    for (size_t i = 0; i < rep->elements; i += 2) {
+        const redisReply *k = rep->element[i], *v = rep->element[i + 1];
+        if (k == NULL || v == NULL || k->type != REDIS_REPLY_STRING ||
+            v->type != REDIS_REPLY_STRING)
+            continue;
+        int up = bw_config_find_upstream(r->cfg, k->str);
+        bw_breaker_state st;
+        if (up < 0 || state_of_name(v->str, &st) < 0)
+            continue; /* another configuration's upstream, or a value to be rewritten */
+        int slot = r->cfg->upstreams[up].shm_slot;
+        if (slot >= 0 && (uint32_t)slot < r->n_br)
+            r->br[slot].in_index = (int8_t)st;
+    }
+    if (rep->elements == 0 && r->index_known && !r->round_lost)
+        r->index_del_seen = true;
+    r->index_known = rep->elements > 0;
+    r->index_read = true;
+}
+
 static void breaker_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
 {
     if (c->idx >= r->n_br)
@@ -847,25 +1075,19 @@ static void breaker_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
     bw_breaker *b = bw_shm_breaker(r->shm, (int)c->idx);
     uint64_t nm = breaker_ms(), nw = wall_ms();
     bw_breaker_view v;
+    if (c->republish)
+        rec->republish = false;
     if (got == 0) {
-        if (rec->known && c->kind == CMD_BREAKER) {
-            /* Deleted by an operator (or lost with Redis' data): a fleet-wide reset. */
-            bw_breaker_snapshot(b, &u->breaker, nm, &v);
-            if (v.state != BW_BREAKER_CLOSED) {
-                bw_breaker_reset(b, nm, NULL);
-                bw_log_info(r->log, "upstream %s: breaker reset (its Redis record was deleted)",
-                            u->name);
-            }
-            bw_breaker_snapshot(b, &u->breaker, nm, &v);
-            rec->gen = v.generation;
-            rec->dirty = false;
-            rec->applied_at = 0;
-            rec->applied_by[0] = '\0';
-        }
+        /* Deleted by an operator, or lost with Redis' data: which one is decided when the
+         * round's closing epoch read is in (epoch_tail_reply). */
+        if (rec->known && !r->round_lost)
+            rec->del_seen = true;
         rec->known = false;
+        index_sync(r, c->idx, u, BW_BREAKER_CLOSED);
         return;
     }
     rec->known = true;
+    index_sync(r, c->idx, u, h.state);
     if (strcmp(h.by, r->id) == 0) {
         /* Our own write (this one or an earlier one whose reply was lost). */
         if (c->local_at != 0 && h.updated_at == c->local_at && rec->local_at == c->local_at)
@@ -897,8 +1119,9 @@ static void breaker_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
 static void breakers_round(bw_redis_sync *r)
 {
     uint64_t nm = breaker_ms(), nw = wall_ms();
-    char key[BW_SHM_NAME_MAX + 128], chan[160];
+    char key[BW_SHM_NAME_MAX + 128], chan[160], idx[160];
     snprintf(chan, sizeof(chan), "%s:circuit-breaker-events", r->prefix);
+    index_key(r, idx, sizeof(idx));
     for (size_t i = 0; i < r->cfg->n_upstreams; i++) {
         const bw_upstream_conf *u = &r->cfg->upstreams[i];
         if (u->shm_slot < 0 || (uint32_t)u->shm_slot >= r->n_br)
@@ -920,7 +1143,8 @@ static void breakers_round(bw_redis_sync *r)
             send_words(r, CMD_DEL, slot, 2, a);
             continue;
         }
-        if (!rec->dirty) {
+        bool republish = !rec->dirty && rec->republish;
+        if (!rec->dirty && !republish) {
             const char *a[] = {"HGETALL", key};
             send_words(r, CMD_BREAKER, slot, 2, a);
             continue;
@@ -928,18 +1152,20 @@ static void breakers_round(bw_redis_sync *r)
         char failures[24], opened[24], at[24];
         snprintf(failures, sizeof(failures), "%" PRIu32, v.failures);
         snprintf(opened, sizeof(opened), "%" PRIu64, to_wall(v.opened_at_ms, nm, nw));
-        snprintf(at, sizeof(at), "%" PRIu64, rec->local_at);
-        const char *a[] = {"EVALSHA", r->sha_br, "1",   key, bw_breaker_state_name(v.state),
-                           failures,  opened,    r->id, at,  chan,
-                           u->name};
+        snprintf(at, sizeof(at), "%" PRIu64, republish ? rec->applied_at : rec->local_at);
+        const char *a[] = {"EVALSHA", r->sha_br, "2",
+                           key,       idx,       bw_breaker_state_name(v.state),
+                           failures,  opened,    republish ? rec->applied_by : r->id,
+                           at,        chan,      u->name};
         cmd *c = new_cmd(r, CMD_BREAKER, slot);
         if (c == NULL)
             continue;
-        c->local_at = rec->local_at;
-        size_t lens[11];
-        for (int k = 0; k < 11; k++)
+        c->local_at = republish ? 0 : rec->local_at;
+        c->republish = republish;
+        size_t lens[12];
+        for (int k = 0; k < 12; k++)
             lens[k] = strlen(a[k]);
-        send_argv(r, c, 11, a, lens);
+        send_argv(r, c, 12, a, lens);
     }
 }
 
@@ -1203,6 +1429,8 @@ static void handle_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
             return;
         }
         r->round_failed = true;
+        if (c->kind == CMD_EPOCH_HEAD || c->kind == CMD_EPOCH_TAIL)
+            r->round_lost = true; /* no verdict on missing records this round */
         fail(r, ERR_REPLY, "error reply: %s", rep->str);
         return;
     }
@@ -1236,6 +1464,18 @@ static void handle_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
         break;
     case CMD_RL:
         ratelimit_reply(r, c, rep);
+        break;
+    case CMD_EPOCH_SET:
+    case CMD_INDEX_SET:
+        break;
+    case CMD_EPOCH_HEAD:
+        epoch_head_reply(r, rep);
+        break;
+    case CMD_EPOCH_TAIL:
+        epoch_tail_reply(r, rep);
+        break;
+    case CMD_INDEX:
+        index_reply(r, rep);
         break;
     }
 }
@@ -1301,7 +1541,7 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
         r->skipped++; /* the previous round is still out; the command timer watches it */
         return;
     }
-    uint32_t fixed = 3 + (uint32_t)r->cfg->n_upstreams + (r->scripts_needed ? 2u : 0u);
+    uint32_t fixed = 7 + 2 * (uint32_t)r->cfg->n_upstreams + (r->scripts_needed ? 2u : 0u);
     if (r->in_flight + fixed > BW_REDIS_MAX_IN_FLIGHT) {
         r->skipped++;
         fail(r, ERR_OVERLOAD, "%" PRIu32 " commands in flight; round skipped", r->in_flight);
@@ -1309,8 +1549,24 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     }
     r->round_active = true;
     r->round_failed = false;
+    r->round_lost = false;
+    r->index_read = false;
+    r->index_del_seen = false;
+    for (uint32_t i = 0; i < r->n_br; i++) {
+        r->br[i].del_seen = false;
+        r->br[i].in_index = -1;
+    }
     if (r->scripts_needed)
         send_script_loads(r);
+
+    /* The epoch first (created when missing), so that this round's reads can be judged. */
+    char ekey[160], eval[40];
+    snprintf(ekey, sizeof(ekey), "%s:epoch", r->prefix);
+    snprintf(eval, sizeof(eval), "%08" PRIx32 "%08" PRIx32, random_u32(), random_u32());
+    const char *es[] = {"SET", ekey, eval, "NX"};
+    send_words(r, CMD_EPOCH_SET, 0, 4, es);
+    const char *eg[] = {"GET", ekey};
+    send_words(r, CMD_EPOCH_HEAD, 0, 2, eg);
 
     char key[160], now[24], stale[32];
     snprintf(key, sizeof(key), "%s:instances", r->prefix);
@@ -1327,7 +1583,12 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     const char *zc[] = {"ZCARD", key};
     send_words(r, CMD_LIVE, 0, 2, zc);
 
+    char ikey[160];
+    index_key(r, ikey, sizeof(ikey));
+    const char *ih[] = {"HGETALL", ikey};
+    send_words(r, CMD_INDEX, 0, 2, ih);
     breakers_round(r);
+    send_words(r, CMD_EPOCH_TAIL, 0, 2, eg);
     uint32_t used = r->in_flight;
     ratelimits_round(r, used < BW_REDIS_MAX_IN_FLIGHT ? BW_REDIS_MAX_IN_FLIGHT - used : 0);
     if (r->in_flight == 0)
@@ -1368,6 +1629,8 @@ static void apply_config(bw_redis_sync *r, const bw_config *cfg)
         r->prefix = strdup(rc->key_prefix != NULL ? rc->key_prefix : "breakwater");
         for (uint32_t i = 0; i < r->n_br; i++)
             r->br[i].known = false; /* a new keyspace: nothing seen there yet */
+        r->epoch_known = false;
+        r->index_known = false;
     }
 
     /* Upstreams: a slot that now carries another name starts from its current breaker. */
@@ -1484,17 +1747,9 @@ int bw_redis_sync_reset_breaker(bw_redis_sync *r, const char *upstream)
     const bw_upstream_conf *u = &r->cfg->upstreams[i];
     if (u->shm_slot < 0 || (uint32_t)u->shm_slot >= r->n_br)
         return -1;
-    bw_breaker *b = bw_shm_breaker(r->shm, u->shm_slot);
-    uint64_t nm = breaker_ms();
-    bw_breaker_reset(b, nm, NULL);
-    bw_breaker_view v;
-    bw_breaker_snapshot(b, &u->breaker, nm, &v);
-    br_rec *rec = &r->br[u->shm_slot];
-    rec->gen = v.generation;
-    rec->dirty = false;
     /* Records stamped before the reset are not applied here any more. */
-    rec->applied_at = wall_ms();
-    rec->applied_by[0] = '\0';
+    reset_local(r, u, false);
+    br_rec *rec = &r->br[u->shm_slot];
     if (!r->enabled)
         return 1;
     rec->pending_del = true;
@@ -1518,6 +1773,8 @@ void bw_redis_sync_stats(const bw_redis_sync *r, bw_redis_stats *out)
     out->rounds_skipped = r->skipped;
     out->connects = r->connects;
     out->live_instances = r->live;
+    out->data_losses = r->data_losses;
+    out->fleet_resets = r->fleet_resets;
 }
 
 const char *bw_redis_sync_ratelimit_script(void)
