@@ -61,8 +61,13 @@
 /* An error of one kind is logged at most once per this many ms; the rest are counted. */
 #define LOG_EVERY_MS 10000
 /* Rate-limit records whose slot was taken by another key while they still had tokens to
- * deliver; beyond this many, the oldest are given up (and counted as errors). */
-#define ORPHANS_MAX 1024
+ * deliver wait in a list that grows as needed up to this many, or the number of table entries
+ * if larger (so master memory stays bounded whatever the outage); beyond it the oldest are
+ * given up, and their tokens counted. */
+#define ORPHANS_MIN 1024
+/* Keys refreshed from the fleet per round without having taken anything here since the last
+ * round: the bounded refresh that keeps Redis work proportional to activity. */
+#define RL_REFRESH_PER_ROUND 256
 /* A key used here keeps being refreshed from the fleet (a flush of nothing new) for this many
  * sync intervals after its last local token, at least PULL_MIN_MS: the fleet's consumption
  * reaches a bucket even in rounds where this instance took nothing for the key. */
@@ -126,6 +131,8 @@ typedef struct rl_rec {
     uint64_t inc; /* incarnation: a fresh record never reuses a field value of an older one */
     uint64_t cum; /* tokens collected from shared memory, in total */
     uint64_t acked;
+    uint64_t sent;      /* largest cumulative sent; above acked: those tokens' fate is unknown */
+    uint64_t sent_ms;   /* monotonic ms of the first send of that unknown amount */
     uint64_t active_ms; /* monotonic ms of the last tokens collected here */
     uint32_t policy_id;
     char policy[BW_SHM_NAME_MAX];
@@ -193,7 +200,10 @@ struct bw_redis_sync {
     uint32_t n_pol;
     rl_rec *rl;
     uint32_t n_rl, cursor;
-    rl_rec orphans[ORPHANS_MAX];
+    rl_rec *orphans; /* see ORPHANS_MIN; compacted only between rounds */
+    uint32_t n_orphans, cap_orphans, max_orphans;
+    uint64_t orphan_tokens_lost;
+    uint32_t refresh_from; /* where the next round's bounded refresh starts */
     uint64_t next_inc;
 
     bool up;
@@ -215,13 +225,24 @@ struct bw_redis_sync {
     bool index_known; /* the index hash existed the last time it was read */
     bool index_read;  /* this round's index read succeeded (in_index is valid) */
     bool index_del_seen;
-    uint64_t data_losses, fleet_resets;
+    uint64_t data_losses, fleet_resets, wrong_type;
 };
 
 /* The rate-limit flush, for one key or a batch of them. KEYS: the keys. ARGV: instance, then
- * five values per key (incarnation, cumulative, acknowledged base, emission interval in us
- * (0: never refills), largest allowed lead in us), then linger in ms. One key answers an
+ * RL_ARGS values per key, then linger in ms. Per key: incarnation, cumulative, acknowledged
+ * base, emission interval in us (0: never refills), largest allowed lead in us, the largest
+ * cumulative sent before whose fate is unknown ("unsure"), how long ago (us) the first of those
+ * sends was, and how long ago (us) the newest tokens were collected.
+ *
+ * The tokens between the base and "unsure" may already have been counted by a flush whose reply
+ * was lost: they are charged as of the moment of that send. If the flush did land and the key
+ * has since expired (its bucket full again, plus the linger), charging them again as of then
+ * adds nothing, because they were already paid back; if it never landed, that is when they
+ * were due anyway. Newer tokens are charged as of their collection. So a flush is idempotent
+ * even after expiry. Keys of policies that never refill ("taken") get no expiry at all.
+ * A key holding something other than a hash answers -1 and is left alone. One key answers an
  * integer (the fleet's lead in us, or the count taken), several an array of them. */
+#define RL_ARGS 8
 static const char rl_script[] =
     "if redis.replicate_commands then redis.replicate_commands() end\n"
     "local me, linger = ARGV[1], tonumber(ARGV[#ARGV])\n"
@@ -229,39 +250,54 @@ static const char rl_script[] =
     "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
     "local out = {}\n"
     "for k = 1, #KEYS do\n"
-    "  local key, b = KEYS[k], 1 + (k - 1) * 5\n"
+    "  local key, b = KEYS[k], 1 + (k - 1) * 8\n"
     "  local inc = ARGV[b + 1]\n"
     "  local cum, prev = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])\n"
     "  local interval, cap = tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5])\n"
-    "  local mine = redis.call('HGET', key, me)\n"
-    "  if mine then\n"
-    "    local i, c = string.match(mine, '^(%d+):(%d+)$')\n"
-    "    if i == inc then prev = tonumber(c) end\n"
-    "  end\n"
-    "  local delta = cum - prev\n"
-    "  local result, ttl\n"
-    "  if interval > 0 then\n"
-    "    local tat = tonumber(redis.call('HGET', key, 'tat')) or 0\n"
-    "    if tat < now then tat = now end\n"
-    "    if delta > 0 then\n"
-    "      tat = tat + delta * interval\n"
-    "      if tat > now + cap then tat = now + cap end\n"
-    "      redis.call('HSET', key, 'tat', string.format('%.0f', tat))\n"
-    "    end\n"
-    "    result = tat - now\n"
-    "    ttl = math.ceil(result / 1000) + linger\n"
+    "  local unsure = tonumber(ARGV[b + 6])\n"
+    "  local t1, t2 = now - tonumber(ARGV[b + 7]), now - tonumber(ARGV[b + 8])\n"
+    "  local cur = redis.pcall('HMGET', key, me, 'tat', 'taken')\n"
+    "  if cur.err then\n"
+    "    out[k] = -1\n"
     "  else\n"
-    "    local n = tonumber(redis.call('HGET', key, 'taken')) or 0\n"
-    "    if delta > 0 then\n"
-    "      n = n + delta\n"
-    "      redis.call('HSET', key, 'taken', string.format('%.0f', n))\n"
+    "    if cur[1] then\n"
+    "      local i, c = string.match(cur[1], '^(%d+):(%d+)$')\n"
+    "      if i == inc then prev = tonumber(c) end\n"
     "    end\n"
-    "    result = n\n"
-    "    ttl = linger\n"
+    "    local delta = cum - prev\n"
+    "    if interval > 0 then\n"
+    "      local tat = tonumber(cur[2]) or 0\n"
+    "      local old = tat\n"
+    "      local s1 = math.min(cum, unsure) - prev\n"
+    "      if s1 > 0 then\n"
+    "        local v = math.min(math.max(tat, t1) + s1 * interval, t1 + cap)\n"
+    "        if v > tat then tat = v end\n"
+    "      end\n"
+    "      local s2 = cum - math.max(prev, unsure)\n"
+    "      if s2 > 0 then\n"
+    "        local v = math.min(math.max(tat, t2) + s2 * interval, now + cap)\n"
+    "        if v > tat then tat = v end\n"
+    "      end\n"
+    "      if delta > 0 and tat > old then\n"
+    "        redis.call('HSET', key, 'tat', string.format('%.0f', tat), me, inc .. ':' .. ARGV[b + 2])\n"
+    "      elseif delta > 0 then\n"
+    "        redis.call('HSET', key, me, inc .. ':' .. ARGV[b + 2])\n"
+    "      end\n"
+    "      local lead = tat - now\n"
+    "      if lead < 0 then lead = 0 end\n"
+    "      redis.call('PEXPIRE', key, math.ceil(lead / 1000) + linger)\n"
+    "      out[k] = math.floor(lead)\n"
+    "    else\n"
+    "      local n = tonumber(cur[3]) or 0\n"
+    "      if delta > 0 then\n"
+    "        n = n + delta\n"
+    "        redis.call('HSET', key, 'taken', string.format('%.0f', n), me,\n"
+    "                   inc .. ':' .. ARGV[b + 2])\n"
+    "        redis.call('PERSIST', key)\n"
+    "      end\n"
+    "      out[k] = math.floor(n)\n"
+    "    end\n"
     "  end\n"
-    "  if delta > 0 then redis.call('HSET', key, me, inc .. ':' .. ARGV[b + 2]) end\n"
-    "  if redis.call('EXISTS', key) == 1 then redis.call('PEXPIRE', key, ttl) end\n"
-    "  out[k] = math.floor(result)\n"
     "end\n"
     "if #KEYS == 1 then return out[1] end\n"
     "return out\n";
@@ -281,6 +317,17 @@ static const char br_script[] =
     "  redis.call('PUBLISH', ARGV[6], ARGV[7] .. ' ' .. ARGV[1] .. ' ' .. ARGV[4])\n"
     "end\n"
     "return redis.call('HGETALL', KEYS[1])\n";
+
+/* The heartbeat, on Redis' clock (instances' clocks may disagree by seconds): this instance's
+ * score becomes Redis' now in ms, members older than the staleness limit go, and the number of
+ * live instances is answered. KEYS: the instances set. ARGV: instance, staleness in ms. */
+static const char hb_script[] =
+    "if redis.replicate_commands then redis.replicate_commands() end\n"
+    "local t = redis.call('TIME')\n"
+    "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+    "redis.call('ZADD', KEYS[1], now, ARGV[1])\n"
+    "redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[2])))\n"
+    "return redis.call('ZCARD', KEYS[1])\n";
 
 /* Copies a record's state (closed when there is none) into the index: read and write in one
  * script, so the index never gets a state older than the record. KEYS: record, index.
@@ -1182,24 +1229,93 @@ static const policy_ent *policy_at(const bw_redis_sync *r, uint32_t id)
 static void retire(bw_redis_sync *r, rl_rec *rec)
 {
     if (rec->tag != 0 && rec->cum > rec->acked) {
-        size_t free_i = ORPHANS_MAX, oldest = 0;
-        for (size_t i = 0; i < ORPHANS_MAX; i++) {
-            if (r->orphans[i].tag == 0) {
-                free_i = i;
-                break;
+        if (r->n_orphans == r->cap_orphans && r->cap_orphans < r->max_orphans) {
+            uint32_t cap = r->cap_orphans ? r->cap_orphans * 2 : 64;
+            if (cap > r->max_orphans)
+                cap = r->max_orphans;
+            rl_rec *o = realloc(r->orphans, (size_t)cap * sizeof(*o));
+            if (o != NULL) {
+                r->orphans = o;
+                r->cap_orphans = cap;
             }
-            if (r->orphans[i].inc < r->orphans[oldest].inc)
-                oldest = i;
         }
-        if (free_i == ORPHANS_MAX) {
+        uint32_t at = r->n_orphans;
+        if (at == r->cap_orphans) {
+            uint32_t oldest = 0;
+            for (uint32_t i = 1; i < r->n_orphans; i++)
+                if (r->orphans[i].inc < r->orphans[oldest].inc)
+                    oldest = i;
+            if (r->n_orphans == 0) {
+                r->orphan_tokens_lost += rec->cum - rec->acked;
+                memset(rec, 0, sizeof(*rec));
+                return;
+            }
+            uint64_t lost = r->orphans[oldest].cum - r->orphans[oldest].acked;
+            r->orphan_tokens_lost += lost;
             fail(r, ERR_OVERLOAD,
-                 "too many undelivered rate-limit keys; %" PRIu64 " tokens of one given up",
-                 r->orphans[oldest].cum - r->orphans[oldest].acked);
-            free_i = oldest;
+                 "too many undelivered rate-limit keys; %" PRIu64 " tokens of one given up", lost);
+            at = oldest;
+        } else {
+            r->n_orphans++;
         }
-        r->orphans[free_i] = *rec;
+        r->orphans[at] = *rec;
     }
     memset(rec, 0, sizeof(*rec));
+}
+
+/* Drops delivered orphans. Only between rounds: replies find orphans by index. */
+static void orphans_compact(bw_redis_sync *r)
+{
+    uint32_t o = 0;
+    for (uint32_t i = 0; i < r->n_orphans; i++)
+        if (r->orphans[i].tag != 0)
+            r->orphans[o++] = r->orphans[i];
+    r->n_orphans = o;
+}
+
+/* Moves what the workers took from slot i's pending count into the master's record (giving a
+ * slot that changed hands a fresh record, its predecessor's undelivered tokens going to the
+ * orphan list). Runs every round, and also while Redis is away, so that pending counts never
+ * keep a slot from being reclaimed and nothing waits in shared memory. */
+static void collect_slot(bw_redis_sync *r, bw_ratelimit_table *t, uint32_t i, uint64_t nm)
+{
+    rl_rec *rec = &r->rl[i];
+    bw_ratelimit_fleet_entry fe;
+    if (!bw_ratelimit_fleet_read(t, i, &fe) || policy_at(r, fe.policy_id) == NULL)
+        return;
+    if (fe.tag != rec->tag) {
+        retire(r, rec);
+        rec->tag = fe.tag;
+        rec->inc = ++r->next_inc;
+        rec->policy_id = fe.policy_id;
+        copy_str(rec->policy, sizeof(rec->policy), policy_at(r, fe.policy_id)->name);
+        copy_str(rec->key, sizeof(rec->key), fe.key);
+    }
+    uint32_t got = bw_ratelimit_fleet_collect(t, i, rec->tag);
+    rec->cum += got;
+    if (got > 0)
+        rec->active_ms = nm;
+    if (rec->cum != rec->acked)
+        r->rl_busy[i] = 1;
+}
+
+/* While Redis is away: collect everything, and recompute the pending figure. */
+static void ratelimits_collect_only(bw_redis_sync *r)
+{
+    bw_ratelimit_table *t = rl_table(r);
+    uint64_t p = 0, nm = mono_ms();
+    if (t != NULL && r->rl != NULL) {
+        orphans_compact(r);
+        for (uint32_t i = 0; i < r->n_rl; i++) {
+            if (bw_ratelimit_fleet_pending(t, i) != 0)
+                collect_slot(r, t, i, nm);
+            if (r->rl_busy[i])
+                p += r->rl[i].cum - r->rl[i].acked;
+        }
+    }
+    for (uint32_t i = 0; i < r->n_orphans; i++)
+        p += r->orphans[i].cum - r->orphans[i].acked;
+    r->pending = p;
 }
 
 /* Keys per rate-limit script call: one call settles many keys, which keeps the per-command cost
@@ -1210,7 +1326,7 @@ typedef struct rl_batch {
     uint32_t n;
     rl_item items[RL_BATCH_MAX];
     char keys[RL_BATCH_MAX][512];
-    char nums[RL_BATCH_MAX][5][40];
+    char nums[RL_BATCH_MAX][RL_ARGS][40];
 } rl_batch;
 
 /* Sends the batch as one EVALSHA; returns false when nothing could be sent. */
@@ -1218,7 +1334,7 @@ static bool batch_send(bw_redis_sync *r, rl_batch *b)
 {
     if (b->n == 0)
         return false;
-    enum { ARGC_MAX = 3 + RL_BATCH_MAX + 1 + 5 * RL_BATCH_MAX + 1 };
+    enum { ARGC_MAX = 3 + RL_BATCH_MAX + 1 + RL_ARGS * RL_BATCH_MAX + 1 };
     const char *a[ARGC_MAX];
     size_t lens[ARGC_MAX];
     char nkeys[16], linger[16];
@@ -1232,7 +1348,7 @@ static bool batch_send(bw_redis_sync *r, rl_batch *b)
         a[argc++] = b->keys[k];
     a[argc++] = r->id;
     for (uint32_t k = 0; k < b->n; k++)
-        for (int f = 0; f < 5; f++)
+        for (int f = 0; f < RL_ARGS; f++)
             a[argc++] = b->nums[k][f];
     a[argc++] = linger;
     for (int k = 0; k < argc; k++)
@@ -1253,8 +1369,19 @@ static bool batch_send(bw_redis_sync *r, rl_batch *b)
 }
 
 /* Adds one key's flush to the batch. Returns true when a full batch was sent (one command). */
-static bool batch_add(bw_redis_sync *r, rl_batch *b, const rl_rec *rec, uint32_t idx, bool orphan)
+static bool batch_add(bw_redis_sync *r, rl_batch *b, rl_rec *rec, uint32_t idx, bool orphan)
 {
+    uint64_t nm = mono_ms();
+    /* What earlier sends (replies lost) may have delivered already, and since when. */
+    uint64_t unsure = rec->sent > rec->acked ? rec->sent : rec->acked;
+    uint64_t first_ms = rec->sent > rec->acked && rec->sent_ms <= nm ? rec->sent_ms : nm;
+    if (rec->cum > rec->acked) {
+        if (rec->sent <= rec->acked)
+            rec->sent_ms = nm; /* this is the first send of what is now unacknowledged */
+        if (rec->cum > rec->sent)
+            rec->sent = rec->cum;
+    }
+    uint64_t active = rec->active_ms != 0 && rec->active_ms <= nm ? rec->active_ms : nm;
     const policy_ent *pe = policy_at(r, rec->policy_id);
     uint32_t k = b->n++;
     snprintf(b->keys[k], sizeof(b->keys[k]), "%s:rate-limit:%s:%s", r->prefix, rec->policy,
@@ -1270,14 +1397,18 @@ static bool batch_add(bw_redis_sync *r, rl_batch *b, const rl_rec *rec, uint32_t
     snprintf(b->nums[k][2], sizeof(b->nums[k][2]), "%" PRIu64, rec->acked);
     snprintf(b->nums[k][3], sizeof(b->nums[k][3]), "%.3f", (double)iv_ns / 1000.0);
     snprintf(b->nums[k][4], sizeof(b->nums[k][4]), "%.0f", (double)iv_ns / 1000.0 * capn * live);
+    snprintf(b->nums[k][5], sizeof(b->nums[k][5]), "%" PRIu64, unsure);
+    snprintf(b->nums[k][6], sizeof(b->nums[k][6]), "%" PRIu64, (nm - first_ms) * 1000);
+    snprintf(b->nums[k][7], sizeof(b->nums[k][7]), "%" PRIu64, (nm - active) * 1000);
     b->items[k] = (rl_item){.idx = idx, .orphan = orphan, .inc = rec->inc, .cum = rec->cum};
     if (b->n < RL_BATCH_MAX)
         return false;
     return batch_send(r, b);
 }
 
-/* Collects what the workers took and sends every undelivered amount, within budget commands.
- * Also recomputes the pending total for the stats. */
+/* Collects what the workers took and sends every undelivered amount, within budget commands,
+ * plus a bounded refresh (RL_REFRESH_PER_ROUND) of keys used here recently but not since the
+ * last round. Also recomputes the pending total for the stats. */
 static void ratelimits_round(bw_redis_sync *r, uint32_t budget)
 {
     bw_ratelimit_table *t = rl_table(r);
@@ -1291,13 +1422,15 @@ static void ratelimits_round(bw_redis_sync *r, uint32_t budget)
         }
     }
     b->n = 0;
+    orphans_compact(r);
     if (t != NULL && r->rl != NULL) {
         uint32_t n = r->n_rl, start = r->cursor;
         uint64_t nm = mono_ms();
         uint64_t pull_ms = (uint64_t)r->interval_ms * PULL_INTERVALS;
         if (pull_ms < PULL_MIN_MS)
             pull_ms = PULL_MIN_MS;
-        bool stopped = false;
+        uint32_t refresh = RL_REFRESH_PER_ROUND, refresh_from = r->refresh_from;
+        bool refresh_wrapped = false, stopped = false;
         for (uint32_t k = 0; k < n; k++) {
             uint32_t i = start + k < n ? start + k : start + k - n;
             uint32_t p = bw_ratelimit_fleet_pending(t, i);
@@ -1317,36 +1450,33 @@ static void ratelimits_round(bw_redis_sync *r, uint32_t budget)
                 continue;
             }
             if (p > 0) {
-                bw_ratelimit_fleet_entry fe;
-                if (bw_ratelimit_fleet_read(t, i, &fe) && policy_at(r, fe.policy_id) != NULL) {
-                    if (fe.tag != rec->tag) {
-                        retire(r, rec);
-                        rec->tag = fe.tag;
-                        rec->inc = ++r->next_inc;
-                        rec->policy_id = fe.policy_id;
-                        copy_str(rec->policy, sizeof(rec->policy),
-                                 policy_at(r, fe.policy_id)->name);
-                        copy_str(rec->key, sizeof(rec->key), fe.key);
-                    }
-                    uint32_t got = bw_ratelimit_fleet_collect(t, i, rec->tag);
-                    rec->cum += got;
-                    if (got > 0)
-                        rec->active_ms = nm;
-                }
+                collect_slot(r, t, i, nm);
                 pending += bw_ratelimit_fleet_pending(t, i);
             }
+            bool owed = rec->tag != 0 && rec->cum > rec->acked;
             bool pull = rec->tag != 0 && rec->active_ms != 0 && nm - rec->active_ms < pull_ms;
-            if (rec->tag != 0 && (rec->cum > rec->acked || pull)) {
-                pending += rec->cum - rec->acked;
-                if (batch_add(r, b, rec, i, false))
-                    budget--;
-            }
             r->rl_busy[i] = rec->tag != 0 && (rec->cum != rec->acked || pull);
+            if (!owed && !pull)
+                continue;
+            /* A key that owes nothing is only a refresh: a bounded number per round, in turn. */
+            if (!owed) {
+                if (refresh == 0 || i < refresh_from)
+                    continue;
+                if (--refresh == 0) {
+                    r->refresh_from = i + 1;
+                    refresh_wrapped = true;
+                }
+            }
+            pending += rec->cum - rec->acked;
+            if (batch_add(r, b, rec, i, false))
+                budget--;
         }
         if (!stopped)
             r->cursor = 0;
+        if (!refresh_wrapped)
+            r->refresh_from = 0;
     }
-    for (uint32_t i = 0; i < ORPHANS_MAX; i++) {
+    for (uint32_t i = 0; i < r->n_orphans; i++) {
         rl_rec *o = &r->orphans[i];
         if (o->tag == 0)
             continue;
@@ -1364,7 +1494,7 @@ static void ratelimits_round(bw_redis_sync *r, uint32_t budget)
 /* Settles one key of a flush with the fleet's answer for it. */
 static void ratelimit_apply(bw_redis_sync *r, const rl_item *it, long long value)
 {
-    rl_rec *rec = it->orphan ? (it->idx < ORPHANS_MAX ? &r->orphans[it->idx] : NULL)
+    rl_rec *rec = it->orphan ? (it->idx < r->n_orphans ? &r->orphans[it->idx] : NULL)
                              : (it->idx < r->n_rl ? &r->rl[it->idx] : NULL);
     if (rec == NULL || rec->tag == 0 || rec->inc != it->inc)
         return;
@@ -1392,15 +1522,25 @@ static void ratelimit_reply(bw_redis_sync *r, const cmd *c, const redisReply *re
     bool ok = c->n_items == 1 ? rep->type == REDIS_REPLY_INTEGER
                               : rep->type == REDIS_REPLY_ARRAY && rep->elements == c->n_items;
     for (size_t k = 0; ok && c->n_items > 1 && k < rep->elements; k++)
-        ok = rep->element[k]->type == REDIS_REPLY_INTEGER && rep->element[k]->integer >= 0;
-    if (!ok || (c->n_items == 1 && rep->integer < 0)) {
+        ok = rep->element[k]->type == REDIS_REPLY_INTEGER && rep->element[k]->integer >= -1;
+    if (!ok || (c->n_items == 1 && rep->integer < -1)) {
         r->round_failed = true;
         fail(r, ERR_REPLY, "unexpected reply to the rate-limit script");
         return;
     }
-    for (uint32_t k = 0; k < c->n_items; k++)
-        ratelimit_apply(r, &c->items[k],
-                        c->n_items == 1 ? rep->integer : rep->element[k]->integer);
+    for (uint32_t k = 0; k < c->n_items; k++) {
+        long long v = c->n_items == 1 ? rep->integer : rep->element[k]->integer;
+        if (v < 0) {
+            /* Something else lives under our key: its tokens stay here and are retried; the
+             * bucket runs on local state meanwhile. */
+            r->round_failed = true;
+            r->wrong_type++;
+            fail(r, ERR_REPLY, "a rate-limit key holds a value that is not a hash; its tokens "
+                               "are kept and retried");
+            continue;
+        }
+        ratelimit_apply(r, &c->items[k], v);
+    }
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -1524,16 +1664,9 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
 {
     bw_redis_sync *r = arg;
     if (r->state != CONN_READY || r->ctx == NULL || r->closing) {
-        /* Keep the pending figure current for the metrics while Redis is away. */
-        bw_ratelimit_table *t = rl_table(r);
-        if (t != NULL) {
-            uint64_t p = 0;
-            for (uint32_t i = 0; i < r->n_rl; i++)
-                p += bw_ratelimit_fleet_pending(t, i) + (r->rl[i].cum - r->rl[i].acked);
-            for (uint32_t i = 0; i < ORPHANS_MAX; i++)
-                p += r->orphans[i].cum - r->orphans[i].acked;
-            r->pending = p;
-        }
+        /* Redis is away: take the tokens out of shared memory all the same (so their slots can
+         * be reclaimed and nothing is lost to eviction), and keep the pending figure current. */
+        ratelimits_collect_only(r);
         publish(r);
         return;
     }
@@ -1541,7 +1674,7 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
         r->skipped++; /* the previous round is still out; the command timer watches it */
         return;
     }
-    uint32_t fixed = 7 + 2 * (uint32_t)r->cfg->n_upstreams + (r->scripts_needed ? 2u : 0u);
+    uint32_t fixed = 5 + 2 * (uint32_t)r->cfg->n_upstreams + (r->scripts_needed ? 2u : 0u);
     if (r->in_flight + fixed > BW_REDIS_MAX_IN_FLIGHT) {
         r->skipped++;
         fail(r, ERR_OVERLOAD, "%" PRIu32 " commands in flight; round skipped", r->in_flight);
@@ -1568,20 +1701,14 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     const char *eg[] = {"GET", ekey};
     send_words(r, CMD_EPOCH_HEAD, 0, 2, eg);
 
-    char key[160], now[24], stale[32];
+    char key[160], stale[24];
     snprintf(key, sizeof(key), "%s:instances", r->prefix);
-    uint64_t nw = wall_ms();
     uint64_t stale_ms = (uint64_t)r->interval_ms * STALE_INTERVALS;
     if (stale_ms < STALE_MIN_MS)
         stale_ms = STALE_MIN_MS;
-    snprintf(now, sizeof(now), "%" PRIu64, nw);
-    snprintf(stale, sizeof(stale), "(%" PRIu64, nw > stale_ms ? nw - stale_ms : 0);
-    const char *za[] = {"ZADD", key, now, r->id};
-    send_words(r, CMD_HEARTBEAT, 0, 4, za);
-    const char *zr[] = {"ZREMRANGEBYSCORE", key, "-inf", stale};
-    send_words(r, CMD_HEARTBEAT, 0, 4, zr);
-    const char *zc[] = {"ZCARD", key};
-    send_words(r, CMD_LIVE, 0, 2, zc);
+    snprintf(stale, sizeof(stale), "%" PRIu64, stale_ms);
+    const char *hb[] = {"EVAL", hb_script, "1", key, r->id, stale};
+    send_words(r, CMD_LIVE, 0, 6, hb);
 
     char ikey[160];
     index_key(r, ikey, sizeof(ikey));
@@ -1711,6 +1838,7 @@ bw_redis_sync *bw_redis_sync_new(struct event_base *base, const bw_shm *shm, con
         r->rl = calloc(r->n_rl, sizeof(*r->rl));
         r->rl_busy = calloc(r->n_rl, 1);
     }
+    r->max_orphans = r->n_rl > ORPHANS_MIN ? r->n_rl : ORPHANS_MIN;
     r->tick = event_new(base, -1, EV_PERSIST, on_tick, r);
     r->timeout = evtimer_new(base, on_timeout, r);
     r->retry = evtimer_new(base, on_retry, r);
@@ -1821,5 +1949,6 @@ void bw_redis_sync_free(bw_redis_sync *r)
     free(r->url);
     free(r->prefix);
     free(r->batch);
+    free(r->orphans);
     free(r);
 }
