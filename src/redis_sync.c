@@ -1307,8 +1307,10 @@ static void ratelimits_collect_only(bw_redis_sync *r)
     if (t != NULL && r->rl != NULL) {
         orphans_compact(r);
         for (uint32_t i = 0; i < r->n_rl; i++) {
-            if (bw_ratelimit_fleet_pending(t, i) != 0)
+            if (bw_ratelimit_fleet_pending(t, i) != 0) {
                 collect_slot(r, t, i, nm);
+                p += bw_ratelimit_fleet_pending(t, i);
+            }
             if (r->rl_busy[i])
                 p += r->rl[i].cum - r->rl[i].acked;
         }
