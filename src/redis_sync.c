@@ -305,14 +305,16 @@ static const char rl_script[] =
 /* The breaker write: only when newer than the stored record (by updated_at_ms, then
  * updated_by), announced on the events channel and copied into the index hash (KEYS[2], one
  * field per upstream holding its state); answers the record as it now stands.
- * ARGV: state, failures, opened_at_ms, updated_by, updated_at_ms, channel, upstream. */
+ * ARGV: state, failures, opened_at_ms, updated_by, updated_at_ms, channel, upstream,
+ * backoff_level, jitter_permille. */
 static const char br_script[] =
     "local cur = redis.call('HMGET', KEYS[1], 'updated_at_ms', 'updated_by')\n"
     "local at, cat = tonumber(ARGV[5]), tonumber(cur[1])\n"
     "local cby = cur[2] or ''\n"
     "if cat == nil or at > cat or (at == cat and ARGV[4] > cby) then\n"
     "  redis.call('HSET', KEYS[1], 'state', ARGV[1], 'failures', ARGV[2], 'opened_at_ms',\n"
-    "             ARGV[3], 'updated_by', ARGV[4], 'updated_at_ms', ARGV[5])\n"
+    "             ARGV[3], 'updated_by', ARGV[4], 'updated_at_ms', ARGV[5],\n"
+    "             'backoff_level', ARGV[8], 'jitter_permille', ARGV[9])\n"
     "  redis.call('HSET', KEYS[2], ARGV[7], ARGV[1])\n"
     "  redis.call('PUBLISH', ARGV[6], ARGV[7] .. ' ' .. ARGV[1] .. ' ' .. ARGV[4])\n"
     "end\n"
@@ -862,6 +864,7 @@ typedef struct br_record {
     bool has_state;
     bw_breaker_state state;
     uint64_t opened_at, updated_at;
+    uint64_t level, jitter; /* backoff of the open period; 0 when not recorded */
     char by[ID_MAX];
 } br_record;
 
@@ -897,6 +900,12 @@ static int parse_record(const redisReply *rep, br_record *out)
             if (!parse_u64(v->str, v->len, &out->updated_at))
                 return -1;
             have_at = true;
+        } else if (strcmp(name, "backoff_level") == 0) {
+            if (!parse_u64(v->str, v->len, &out->level) || out->level > 63)
+                return -1;
+        } else if (strcmp(name, "jitter_permille") == 0) {
+            if (!parse_u64(v->str, v->len, &out->jitter) || out->jitter > 127)
+                return -1;
         } else if (strcmp(name, "updated_by") == 0) {
             if (v->len == 0 || v->len >= ID_MAX)
                 return -1;
@@ -1104,6 +1113,17 @@ static void index_reply(bw_redis_sync *r, const redisReply *rep)
     r->index_read = true;
 }
 
+/* How much later than the fleet's open period this instance's own starts, when it follows a
+ * record: 2 to 4 sync intervals (at most half the reset timeout), chosen at random each time,
+ * so that the instance that opened probes first and the others hear of its outcome before
+ * their own timers release their permits. */
+static uint64_t desync_ms(const bw_redis_sync *r, const bw_upstream_conf *u)
+{
+    uint64_t d = (uint64_t)r->interval_ms * (2 + random_u32() % 3);
+    uint64_t cap = u->breaker.reset_timeout_ms / 2;
+    return d < cap ? d : cap;
+}
+
 static void breaker_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
 {
     if (c->idx >= r->n_br)
@@ -1151,10 +1171,11 @@ static void breaker_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
         stamp_newer(rec->local_at, r->id, h.updated_at, h.by))
         return; /* a newer local change is on its way; it will win the next write */
     bw_breaker_transition t;
-    uint64_t opened = h.state == BW_BREAKER_OPEN ? to_mono(h.opened_at, nm, nw) : 0;
-    if (bw_breaker_force(b, &u->breaker, h.state, opened, nm, &t))
-        bw_log_info(r->log, "upstream %s: breaker %s, as set by instance %s", u->name,
-                    bw_breaker_state_name(h.state), h.by);
+    uint64_t opened = h.state != BW_BREAKER_CLOSED ? to_mono(h.opened_at, nm, nw) : 0;
+    if (bw_breaker_follow(b, &u->breaker, h.state, opened, desync_ms(r, u), (unsigned)h.level,
+                          (unsigned)h.jitter, nm, &t))
+        bw_log_info(r->log, "upstream %s: breaker %s, as set by instance %s (%s there)", u->name,
+                    bw_breaker_state_name(t.to), h.by, bw_breaker_state_name(h.state));
     bw_breaker_snapshot(b, &u->breaker, nm, &v);
     rec->gen = v.generation;
     rec->dirty = false;
@@ -1196,23 +1217,28 @@ static void breakers_round(bw_redis_sync *r)
             send_words(r, CMD_BREAKER, slot, 2, a);
             continue;
         }
-        char failures[24], opened[24], at[24];
+        char failures[24], opened[24], at[24], lvl[8], jit[8];
+        unsigned level, jitter;
+        bw_breaker_backoff(bw_shm_breaker(r->shm, u->shm_slot), &level, &jitter);
+        snprintf(lvl, sizeof(lvl), "%u", level);
+        snprintf(jit, sizeof(jit), "%u", jitter);
         snprintf(failures, sizeof(failures), "%" PRIu32, v.failures);
         snprintf(opened, sizeof(opened), "%" PRIu64, to_wall(v.opened_at_ms, nm, nw));
         snprintf(at, sizeof(at), "%" PRIu64, republish ? rec->applied_at : rec->local_at);
         const char *a[] = {"EVALSHA", r->sha_br, "2",
                            key,       idx,       bw_breaker_state_name(v.state),
                            failures,  opened,    republish ? rec->applied_by : r->id,
-                           at,        chan,      u->name};
+                           at,        chan,      u->name,
+                           lvl,       jit};
         cmd *c = new_cmd(r, CMD_BREAKER, slot);
         if (c == NULL)
             continue;
         c->local_at = republish ? 0 : rec->local_at;
         c->republish = republish;
-        size_t lens[12];
-        for (int k = 0; k < 12; k++)
+        size_t lens[14];
+        for (int k = 0; k < 14; k++)
             lens[k] = strlen(a[k]);
-        send_argv(r, c, 12, a, lens);
+        send_argv(r, c, 14, a, lens);
     }
 }
 

@@ -164,6 +164,22 @@ bool bw_breaker_reset(bw_breaker *b, uint64_t now_ms, bw_breaker_transition *t);
 bool bw_breaker_force(bw_breaker *b, const bw_breaker_conf *c, bw_breaker_state state,
                       uint64_t opened_at_ms, uint64_t now_ms, bw_breaker_transition *t);
 
+/*
+ * Applies a fleet record without losing its backoff. CLOSED: as bw_breaker_force(). OPEN, and
+ * HALF_OPEN (another instance is probing: this one stays open and waits out its own period
+ * rather than releasing its permits at the same instant): the breaker opens at opened_at_ms
+ * (0 or in the future: now) with the fleet's backoff level and jitter (level 0: unknown, keep
+ * the local one), and its open period starts delay_ms later, so that instances following the
+ * same record do not all probe at once. Nothing happens when it is already open with that
+ * level and jitter since that opening or later. True when a transition happened.
+ */
+bool bw_breaker_follow(bw_breaker *b, const bw_breaker_conf *c, bw_breaker_state state,
+                       uint64_t opened_at_ms, uint64_t delay_ms, unsigned level, unsigned jitter,
+                       uint64_t now_ms, bw_breaker_transition *t);
+
+/* The backoff level (openings since the last close) and jitter (permille) in the word. */
+void bw_breaker_backoff(const bw_breaker *b, unsigned *level, unsigned *jitter);
+
 void bw_breaker_snapshot(const bw_breaker *b, const bw_breaker_conf *c, uint64_t now_ms,
                          bw_breaker_view *out);
 
