@@ -123,6 +123,8 @@ typedef struct br_rec {
                       * round's closing epoch read confirms Redis kept its data */
     bool republish;  /* Redis lost its data: write the last known record back as it was */
     int8_t in_index; /* the index field read this round: a bw_breaker_state, or -1 */
+    uint8_t bad;     /* consecutive error replies or malformed records for this upstream */
+    uint64_t bad_until_ms; /* monotonic: not asked again before (backoff after bad replies) */
 } br_rec;
 
 /* What this instance has collected and delivered for one rate-limit slot's key. */
@@ -134,6 +136,8 @@ typedef struct rl_rec {
     uint64_t sent;      /* largest cumulative sent; above acked: those tokens' fate is unknown */
     uint64_t sent_ms;   /* monotonic ms of the first send of that unknown amount */
     uint64_t active_ms; /* monotonic ms of the last tokens collected here */
+    uint64_t bad_until_ms; /* monotonic: the key held something else; not sent before */
+    uint8_t bad;           /* consecutive such answers */
     uint32_t policy_id;
     char policy[BW_SHM_NAME_MAX];
     char key[BW_RATELIMIT_FLEET_KEY_MAX + 1];
@@ -226,6 +230,8 @@ struct bw_redis_sync {
     bool index_read;  /* this round's index read succeeded (in_index is valid) */
     bool index_del_seen;
     uint64_t data_losses, fleet_resets, wrong_type;
+    unsigned err_streak;    /* consecutive rounds with an error reply */
+    uint64_t hold_until_ms; /* monotonic: no round before (backoff after failed rounds) */
 };
 
 /* The rate-limit flush, for one key or a batch of them. KEYS: the keys. ARGV: instance, then
@@ -302,6 +308,38 @@ static const char rl_script[] =
     "if #KEYS == 1 then return out[1] end\n"
     "return out\n";
 
+/* Answers the fields of a breaker record this code reads, as HGETALL would but never more than
+ * those seven fields of at most 128 bytes each: whatever else is stored under the key, the reply
+ * stays small (hiredis 0.14 buffers a reply of any size). */
+#define BR_RETURN                                                                              \
+    "local names = {'state', 'failures', 'opened_at_ms', 'updated_by', 'updated_at_ms',\n"     \
+    "               'backoff_level', 'jitter_permille'}\n"                                     \
+    "local v = redis.call('HMGET', KEYS[1], unpack(names))\n"                                 \
+    "local out = {}\n"                                                                         \
+    "for i, n in ipairs(names) do\n"                                                           \
+    "  if v[i] then out[#out + 1] = n; out[#out + 1] = string.sub(v[i], 1, 128) end\n"         \
+    "end\n"                                                                                    \
+    "return out\n"
+
+/* The breaker read: the record, bounded. KEYS: the record. */
+static const char br_read_script[] = BR_RETURN;
+
+/* The index read: the states of this configuration's upstreams (ARGV), bounded, after whether
+ * the index exists at all. KEYS: the index. */
+static const char index_read_script[] =
+    "local out = {redis.call('EXISTS', KEYS[1])}\n"
+    "if #ARGV > 0 then\n"
+    "  local v = redis.call('HMGET', KEYS[1], unpack(ARGV))\n"
+    "  for i = 1, #ARGV do out[i + 1] = v[i] and string.sub(v[i], 1, 16) or '' end\n"
+    "end\n"
+    "return out\n";
+
+/* The epoch read, bounded. KEYS: the epoch key. */
+static const char epoch_read_script[] =
+    "local v = redis.call('GET', KEYS[1])\n"
+    "if v then return string.sub(v, 1, 64) end\n"
+    "return v\n";
+
 /* The breaker write: only when newer than the stored record (by updated_at_ms, then
  * updated_by), announced on the events channel and copied into the index hash (KEYS[2], one
  * field per upstream holding its state); answers the record as it now stands.
@@ -318,7 +356,7 @@ static const char br_script[] =
     "  redis.call('HSET', KEYS[2], ARGV[7], ARGV[1])\n"
     "  redis.call('PUBLISH', ARGV[6], ARGV[7] .. ' ' .. ARGV[1] .. ' ' .. ARGV[4])\n"
     "end\n"
-    "return redis.call('HGETALL', KEYS[1])\n";
+    BR_RETURN;
 
 /* The heartbeat, on Redis' clock (instances' clocks may disagree by seconds): this instance's
  * score becomes Redis' now in ms, members older than the staleness limit go, and the number of
@@ -591,6 +629,16 @@ __attribute__((format(printf, 3, 4))) static void fail(bw_redis_sync *r, err_kin
         bw_log_warn(r->log, "redis: %s", msg);
     r->last_log_ms[kind] = now;
     r->suppressed[kind] = 0;
+}
+
+/* How long to leave something alone after n consecutive bad answers: the sync interval
+ * doubling per answer, up to the reconnection cap. */
+static uint64_t backoff_ms(const bw_redis_sync *r, unsigned n)
+{
+    uint64_t d = r->interval_ms ? r->interval_ms : 100;
+    for (unsigned i = 1; i < n && d < BW_REDIS_BACKOFF_MAX_MS; i++)
+        d *= 2;
+    return d < BW_REDIS_BACKOFF_MAX_MS ? d : BW_REDIS_BACKOFF_MAX_MS;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -1084,33 +1132,57 @@ static int state_of_name(const char *s, bw_breaker_state *out)
     return 0;
 }
 
-/* HGETALL of the index: which state it holds for each upstream, and whether it vanished. */
+/* The index read: which state it holds for each of our upstreams (the order of the
+ * configuration), and whether it vanished. */
 static void index_reply(bw_redis_sync *r, const redisReply *rep)
 {
-    if (rep->type != REDIS_REPLY_ARRAY || rep->elements % 2 != 0) {
+    if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 1 + r->cfg->n_upstreams ||
+        rep->element[0]->type != REDIS_REPLY_INTEGER) {
         r->round_failed = true;
         fail(r, ERR_REPLY, "unexpected reply reading %s:circuit-breaker", r->prefix);
         return;
     }
     for (uint32_t i = 0; i < r->n_br; i++)
         r->br[i].in_index = -1;
-    for (size_t i = 0; i < rep->elements; i += 2) {
-        const redisReply *k = rep->element[i], *v = rep->element[i + 1];
-        if (k == NULL || v == NULL || k->type != REDIS_REPLY_STRING ||
-            v->type != REDIS_REPLY_STRING)
-            continue;
-        int up = bw_config_find_upstream(r->cfg, k->str);
+    for (size_t i = 0; i < r->cfg->n_upstreams; i++) {
+        const redisReply *v = rep->element[i + 1];
+        int slot = r->cfg->upstreams[i].shm_slot;
         bw_breaker_state st;
-        if (up < 0 || state_of_name(v->str, &st) < 0)
-            continue; /* another configuration's upstream, or a value to be rewritten */
-        int slot = r->cfg->upstreams[up].shm_slot;
+        if (v->type != REDIS_REPLY_STRING || state_of_name(v->str, &st) < 0)
+            continue; /* missing, or a value to be rewritten */
         if (slot >= 0 && (uint32_t)slot < r->n_br)
             r->br[slot].in_index = (int8_t)st;
     }
-    if (rep->elements == 0 && r->index_known && !r->round_lost)
+    bool exists = rep->element[0]->integer == 1;
+    if (!exists && r->index_known && !r->round_lost)
         r->index_del_seen = true;
-    r->index_known = rep->elements > 0;
+    r->index_known = exists;
     r->index_read = true;
+}
+
+static void send_index_read(bw_redis_sync *r)
+{
+    size_t n = r->cfg->n_upstreams;
+    const char **a = calloc(4 + n, sizeof(*a));
+    size_t *lens = calloc(4 + n, sizeof(*lens));
+    cmd *c = new_cmd(r, CMD_INDEX, 0);
+    char ikey[160];
+    index_key(r, ikey, sizeof(ikey));
+    if (a != NULL && lens != NULL && c != NULL) {
+        a[0] = "EVAL";
+        a[1] = index_read_script;
+        a[2] = "1";
+        a[3] = ikey;
+        for (size_t i = 0; i < n; i++)
+            a[4 + i] = r->cfg->upstreams[i].name;
+        for (size_t i = 0; i < 4 + n; i++)
+            lens[i] = strlen(a[i]);
+        send_argv(r, c, (int)(4 + n), a, lens);
+    } else if (c != NULL) {
+        cmd_free(c);
+    }
+    free(a);
+    free(lens);
 }
 
 /* How much later than the fleet's open period this instance's own starts, when it follows a
@@ -1135,13 +1207,16 @@ static void breaker_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
     br_record h;
     int got = parse_record(rep, &h);
     if (got < 0) {
-        r->round_failed = true;
-        fail(r, ERR_REPLY, "malformed record for upstream %s; ignored", u->name);
+        rec->bad = rec->bad < 32 ? rec->bad + 1 : rec->bad;
+        rec->bad_until_ms = mono_ms() + backoff_ms(r, rec->bad);
+        fail(r, ERR_REPLY, "malformed record for upstream %s; ignored, read again later",
+             u->name);
         return;
     }
     bw_breaker *b = bw_shm_breaker(r->shm, (int)c->idx);
     uint64_t nm = breaker_ms(), nw = wall_ms();
     bw_breaker_view v;
+    rec->bad = 0;
     if (c->republish)
         rec->republish = false;
     if (got == 0) {
@@ -1206,6 +1281,8 @@ static void breakers_round(bw_redis_sync *r)
                 rec->local_at = rec->applied_at + 1; /* it happened after what we applied */
         }
         breaker_key(r, u->name, key, sizeof(key));
+        if (rec->bad_until_ms != 0 && mono_ms() < rec->bad_until_ms)
+            continue; /* its last answers were errors: left alone for a while */
         if (rec->pending_del) {
             const char *a[] = {"DEL", key};
             send_words(r, CMD_DEL, slot, 2, a);
@@ -1213,8 +1290,8 @@ static void breakers_round(bw_redis_sync *r)
         }
         bool republish = !rec->dirty && rec->republish;
         if (!rec->dirty && !republish) {
-            const char *a[] = {"HGETALL", key};
-            send_words(r, CMD_BREAKER, slot, 2, a);
+            const char *a[] = {"EVAL", br_read_script, "1", key};
+            send_words(r, CMD_BREAKER, slot, 4, a);
             continue;
         }
         char failures[24], opened[24], at[24], lvl[8], jit[8];
@@ -1481,6 +1558,10 @@ static void ratelimits_round(bw_redis_sync *r, uint32_t budget)
                 collect_slot(r, t, i, nm);
                 pending += bw_ratelimit_fleet_pending(t, i);
             }
+            if (rec->bad_until_ms != 0 && nm < rec->bad_until_ms) {
+                pending += rec->cum - rec->acked;
+                continue; /* its key held something else: left alone for a while */
+            }
             bool owed = rec->tag != 0 && rec->cum > rec->acked;
             bool pull = rec->tag != 0 && rec->active_ms != 0 && nm - rec->active_ms < pull_ms;
             r->rl_busy[i] = rec->tag != 0 && (rec->cum != rec->acked || pull);
@@ -1509,6 +1590,8 @@ static void ratelimits_round(bw_redis_sync *r, uint32_t budget)
         if (o->tag == 0)
             continue;
         pending += o->cum - o->acked;
+        if (o->bad_until_ms != 0 && mono_ms() < o->bad_until_ms)
+            continue;
         if (budget > 0 && batch_add(r, b, o, i, true))
             budget--;
     }
@@ -1530,6 +1613,7 @@ static void ratelimit_apply(bw_redis_sync *r, const rl_item *it, long long value
         r->pending -= r->pending >= it->cum - rec->acked ? it->cum - rec->acked : r->pending;
         rec->acked = it->cum;
     }
+    rec->bad = 0;
     if (it->orphan) {
         if (rec->acked >= rec->cum)
             memset(rec, 0, sizeof(*rec));
@@ -1543,6 +1627,16 @@ static void ratelimit_apply(bw_redis_sync *r, const rl_item *it, long long value
     if (pe->params.interval_ns != 0)
         fleet = fleet > UINT64_MAX / 1000 ? UINT64_MAX : fleet * 1000;
     bw_ratelimit_fleet_absorb(t, it->idx, rec->tag, &pe->params, mono_ns(), fleet);
+}
+
+static void ratelimit_bad(bw_redis_sync *r, const rl_item *it)
+{
+    rl_rec *rec = it->orphan ? (it->idx < r->n_orphans ? &r->orphans[it->idx] : NULL)
+                             : (it->idx < r->n_rl ? &r->rl[it->idx] : NULL);
+    if (rec == NULL || rec->tag == 0 || rec->inc != it->inc)
+        return;
+    rec->bad = rec->bad < 32 ? rec->bad + 1 : rec->bad;
+    rec->bad_until_ms = mono_ms() + backoff_ms(r, rec->bad);
 }
 
 static void ratelimit_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
@@ -1559,9 +1653,9 @@ static void ratelimit_reply(bw_redis_sync *r, const cmd *c, const redisReply *re
     for (uint32_t k = 0; k < c->n_items; k++) {
         long long v = c->n_items == 1 ? rep->integer : rep->element[k]->integer;
         if (v < 0) {
-            /* Something else lives under our key: its tokens stay here and are retried; the
-             * bucket runs on local state meanwhile. */
-            r->round_failed = true;
+            /* Something else lives under our key: its tokens stay here and are retried later;
+             * the bucket runs on local state meanwhile. */
+            ratelimit_bad(r, &c->items[k]);
             r->wrong_type++;
             fail(r, ERR_REPLY, "a rate-limit key holds a value that is not a hash; its tokens "
                                "are kept and retried");
@@ -1581,6 +1675,12 @@ static void round_done(bw_redis_sync *r)
     if (!r->round_failed) {
         r->rounds++;
         r->last_sync_wall_ms = wall_ms();
+        r->err_streak = 0;
+        r->attempt = 0; /* the reconnection backoff restarts only after a round that worked */
+    } else if (r->ctx != NULL && !r->closing) {
+        /* Redis answered, with errors: back off before the next round. */
+        r->err_streak = r->err_streak < 32 ? r->err_streak + 1 : r->err_streak;
+        r->hold_until_ms = mono_ms() + backoff_ms(r, r->err_streak + 1);
     }
     publish(r);
 }
@@ -1596,10 +1696,25 @@ static void handle_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
             drop_later(r);
             return;
         }
+        if (strncmp(rep->str, "READONLY", 8) == 0 || strncmp(rep->str, "MASTERDOWN", 10) == 0) {
+            /* A replica (a failover happened, or the URL names one): find the master again. */
+            fail(r, ERR_REPLY, "%.200s; reconnecting", rep->str);
+            r->round_failed = true;
+            drop_later(r);
+            return;
+        }
+        if (c->kind == CMD_BREAKER && c->idx < r->n_br) {
+            /* That record alone is unusable (a key of another type, say): ask again later. */
+            br_rec *rec = &r->br[c->idx];
+            rec->bad = rec->bad < 32 ? rec->bad + 1 : rec->bad;
+            rec->bad_until_ms = mono_ms() + backoff_ms(r, rec->bad);
+            fail(r, ERR_REPLY, "reading the breaker record of %s: %.200s", rec->name, rep->str);
+            return;
+        }
         r->round_failed = true;
         if (c->kind == CMD_EPOCH_HEAD || c->kind == CMD_EPOCH_TAIL)
             r->round_lost = true; /* no verdict on missing records this round */
-        fail(r, ERR_REPLY, "error reply: %s", rep->str);
+        fail(r, ERR_REPLY, "error reply: %.200s", rep->str);
         return;
     }
     switch (c->kind) {
@@ -1674,7 +1789,6 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
             return;
         }
         r->state = CONN_READY;
-        r->attempt = 0;
         r->connects++;
         if (r->target.unix_socket)
             bw_log_info(r->log, "redis: connected to unix:%s", r->target.path);
@@ -1702,6 +1816,10 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
         r->skipped++; /* the previous round is still out; the command timer watches it */
         return;
     }
+    if (r->hold_until_ms != 0 && mono_ms() < r->hold_until_ms) {
+        ratelimits_collect_only(r); /* backing off after error replies: keep collecting */
+        return;
+    }
     uint32_t fixed = 5 + 2 * (uint32_t)r->cfg->n_upstreams + (r->scripts_needed ? 2u : 0u);
     if (r->in_flight + fixed > BW_REDIS_MAX_IN_FLIGHT) {
         r->skipped++;
@@ -1726,8 +1844,8 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     snprintf(eval, sizeof(eval), "%08" PRIx32 "%08" PRIx32, random_u32(), random_u32());
     const char *es[] = {"SET", ekey, eval, "NX"};
     send_words(r, CMD_EPOCH_SET, 0, 4, es);
-    const char *eg[] = {"GET", ekey};
-    send_words(r, CMD_EPOCH_HEAD, 0, 2, eg);
+    const char *eg[] = {"EVAL", epoch_read_script, "1", ekey};
+    send_words(r, CMD_EPOCH_HEAD, 0, 4, eg);
 
     char key[160], stale[24];
     snprintf(key, sizeof(key), "%s:instances", r->prefix);
@@ -1738,12 +1856,9 @@ static void on_tick(evutil_socket_t fd, short what, void *arg)
     const char *hb[] = {"EVAL", hb_script, "1", key, r->id, stale};
     send_words(r, CMD_LIVE, 0, 6, hb);
 
-    char ikey[160];
-    index_key(r, ikey, sizeof(ikey));
-    const char *ih[] = {"HGETALL", ikey};
-    send_words(r, CMD_INDEX, 0, 2, ih);
+    send_index_read(r);
     breakers_round(r);
-    send_words(r, CMD_EPOCH_TAIL, 0, 2, eg);
+    send_words(r, CMD_EPOCH_TAIL, 0, 4, eg);
     uint32_t used = r->in_flight;
     ratelimits_round(r, used < BW_REDIS_MAX_IN_FLIGHT ? BW_REDIS_MAX_IN_FLIGHT - used : 0);
     if (r->in_flight == 0)
