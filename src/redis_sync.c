@@ -106,6 +106,7 @@ typedef enum cmd_kind {
     CMD_EPOCH_TAIL, /* GET of the epoch after them: confirms what they saw */
     CMD_INDEX,      /* HGETALL {prefix}:circuit-breaker */
     CMD_INDEX_SET,  /* copies one record's state into the index */
+    CMD_ROLE,       /* with Sentinel: the server found must say it is the master */
 } cmd_kind;
 
 /* What this instance knows about one upstream's fleet record (indexed by the shm slot). */
@@ -230,6 +231,18 @@ struct bw_redis_sync {
     bool index_read;  /* this round's index read succeeded (in_index is valid) */
     bool index_del_seen;
     uint64_t data_losses, fleet_resets, wrong_type;
+    /* Sentinel (redis.sentinels): the master's address is asked of one sentinel at a time, on
+     * a connection of its own, before each connect and every SENTINEL_CHECK_MS while
+     * connected; a different answer moves the connection to the new master. */
+    bool sentinel;
+    char *master_name;
+    char **sentinels;
+    uint32_t n_sentinels, s_next, s_tried;
+    redisAsyncContext *sctx;
+    bool s_checking; /* the query in progress is a check while connected */
+    bool s_ok;       /* the last query's outcome, for on_sentinel_next */
+    struct event *s_timeout, *s_next_ev, *s_check;
+    uint64_t sentinel_queries, failovers;
     unsigned err_streak;    /* consecutive rounds with an error reply */
     uint64_t hold_until_ms; /* monotonic: no round before (backoff after failed rounds) */
 };
@@ -703,9 +716,15 @@ static void on_drop_event(evutil_socket_t fd, short what, void *arg)
         drop_connection(r);
 }
 
+static void sentinel_start(bw_redis_sync *r, bool check);
+
 static void on_retry(evutil_socket_t fd, short what, void *arg)
 {
-    connect_now(arg);
+    bw_redis_sync *r = arg;
+    if (r->sentinel)
+        sentinel_start(r, false);
+    else
+        connect_now(r);
 }
 
 static void on_timeout(evutil_socket_t fd, short what, void *arg)
@@ -811,6 +830,10 @@ static void on_connect(const redisAsyncContext *ac, int status)
         const char *a[] = {"SELECT", db};
         send_words(r, CMD_HANDSHAKE, 0, 2, a);
     }
+    if (r->sentinel) {
+        const char *a[] = {"ROLE"};
+        send_words(r, CMD_ROLE, 0, 1, a);
+    }
     send_script_loads(r);
 }
 
@@ -854,6 +877,188 @@ static void connect_now(bw_redis_sync *r)
     r->in_flight = 0;
     r->round_active = false;
     arm_timeout(r, r->connect_timeout_ms);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Sentinel                                                                                  */
+
+/* How often a connected instance asks a sentinel whether the master is still where it is
+ * connected (a failover whose old master stays reachable, as a replica, shows up here). */
+#define SENTINEL_CHECK_MS 2000
+
+/* Ends the query in progress from a hiredis callback: forget the context (hiredis frees it, or
+ * we asked it to) and decide what next from the event loop. */
+static void sentinel_done(bw_redis_sync *r, bool ok)
+{
+    r->sctx = NULL;
+    r->s_ok = ok;
+    evtimer_del(r->s_timeout);
+    event_active(r->s_next_ev, 0, 0);
+}
+
+static void on_sentinel_reply(redisAsyncContext *ac, void *reply, void *privdata)
+{
+    bw_redis_sync *r = privdata;
+    if (r == NULL || ac != r->sctx)
+        return; /* a context given up already */
+    const redisReply *rep = reply;
+    if (rep == NULL) {
+        sentinel_done(r, false);
+        return;
+    }
+    bool ok = false;
+    if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 2 &&
+        rep->element[0]->type == REDIS_REPLY_STRING &&
+        rep->element[1]->type == REDIS_REPLY_STRING && rep->element[0]->len < 60 &&
+        rep->element[1]->len < 8) {
+        char url[96], err[160];
+        bw_redis_target t;
+        bool v6 = strchr(rep->element[0]->str, ':') != NULL;
+        snprintf(url, sizeof(url), "redis://%s%s%s:%s", v6 ? "[" : "", rep->element[0]->str,
+                 v6 ? "]" : "", rep->element[1]->str);
+        if (bw_redis_url_parse(url, &t, err, sizeof(err)) == 0) {
+            ok = true;
+            if (strcmp(t.host, r->target.host) != 0 || t.port != r->target.port) {
+                if (r->target_ok)
+                    bw_log_info(r->log, "redis: sentinel names %s:%d as master %s (was %s:%d)",
+                                t.host, t.port, r->master_name, r->target.host, r->target.port);
+                if (r->ctx != NULL && r->target_ok) {
+                    r->failovers++;
+                    drop_later(r); /* moves to the new master after the drop */
+                }
+                copy_str(r->target.host, sizeof(r->target.host), t.host);
+                r->target.port = t.port;
+            }
+            r->target_ok = true;
+        } else {
+            fail(r, ERR_REPLY, "sentinel answered an unusable address for %s: %s", r->master_name,
+                 err);
+        }
+    } else if (rep->type == REDIS_REPLY_NIL) {
+        fail(r, ERR_REPLY, "a sentinel does not know master %s", r->master_name);
+    } else {
+        fail(r, ERR_REPLY, "unexpected sentinel reply for master %s%s%.200s", r->master_name,
+             rep->type == REDIS_REPLY_ERROR ? ": " : "",
+             rep->type == REDIS_REPLY_ERROR ? rep->str : "");
+    }
+    sentinel_done(r, ok);
+    redisAsyncDisconnect(ac);
+}
+
+static void on_sentinel_connect(const redisAsyncContext *ac, int status)
+{
+    bw_redis_sync *r = ac->data;
+    if (r == NULL || ac != r->sctx || status == REDIS_OK)
+        return;
+    fail(r, ERR_CONNECT, "cannot reach sentinel %s: %s", r->sentinels[r->s_next],
+         ac->errstr[0] ? ac->errstr : "failed");
+    sentinel_done(r, false); /* hiredis frees the context */
+}
+
+static void on_sentinel_disconnect(const redisAsyncContext *ac, int status)
+{
+    bw_redis_sync *r = ac->data;
+    if (r == NULL || ac != r->sctx)
+        return;
+    sentinel_done(r, false);
+}
+
+/* Asks the next sentinel in turn; after every one failed, a discovery gives way to the
+ * reconnection backoff (a check simply waits for the next one). */
+static void sentinel_try(bw_redis_sync *r)
+{
+    while (r->s_tried < r->n_sentinels) {
+        r->s_next = (r->s_next + 1) % r->n_sentinels;
+        r->s_tried++;
+        char url[128], err[160];
+        bw_redis_target t;
+        snprintf(url, sizeof(url), "redis://%s", r->sentinels[r->s_next]);
+        if (bw_redis_url_parse(url, &t, err, sizeof(err)) < 0)
+            continue;
+        redisAsyncContext *ac = redisAsyncConnect(t.host, t.port);
+        if (ac == NULL || ac->err) {
+            if (ac != NULL)
+                redisAsyncFree(ac);
+            continue;
+        }
+        ac->data = r;
+        if (redisLibeventAttach(ac, r->base) != REDIS_OK) {
+            redisAsyncFree(ac);
+            continue;
+        }
+        redisAsyncSetConnectCallback(ac, on_sentinel_connect);
+        redisAsyncSetDisconnectCallback(ac, on_sentinel_disconnect);
+        const char *a[] = {"SENTINEL", "get-master-addr-by-name", r->master_name};
+        size_t lens[] = {8, 23, strlen(r->master_name)};
+        if (redisAsyncCommandArgv(ac, on_sentinel_reply, r, 3, a, lens) != REDIS_OK) {
+            redisAsyncFree(ac);
+            continue;
+        }
+        r->sctx = ac;
+        r->sentinel_queries++;
+        uint64_t ms = (uint64_t)r->connect_timeout_ms + r->command_timeout_ms;
+        struct timeval tv = {(time_t)(ms / 1000), (suseconds_t)((ms % 1000) * 1000)};
+        evtimer_add(r->s_timeout, &tv);
+        return;
+    }
+    if (!r->s_checking) {
+        fail(r, ERR_CONNECT, "no sentinel answered for master %s; retrying", r->master_name);
+        schedule_reconnect(r);
+    }
+}
+
+static void sentinel_start(bw_redis_sync *r, bool check)
+{
+    if (!r->enabled || !r->sentinel || r->sctx != NULL)
+        return;
+    r->s_checking = check;
+    r->s_tried = 0;
+    sentinel_try(r);
+}
+
+/* From the event loop, after a query ended: connect to what was found, or try the next. */
+static void on_sentinel_next(evutil_socket_t fd, short what, void *arg)
+{
+    bw_redis_sync *r = arg;
+    if (!r->enabled || !r->sentinel)
+        return;
+    if (r->s_ok) {
+        if (!r->s_checking)
+            connect_now(r);
+        return;
+    }
+    sentinel_try(r);
+}
+
+static void on_sentinel_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    bw_redis_sync *r = arg;
+    redisAsyncContext *ac = r->sctx;
+    if (ac == NULL)
+        return;
+    fail(r, ERR_TIMEOUT, "sentinel %s did not answer in time", r->sentinels[r->s_next]);
+    r->sctx = NULL;
+    redisAsyncFree(ac); /* our timer: freeing here is safe; its callbacks now see a stranger */
+    r->s_ok = false;
+    event_active(r->s_next_ev, 0, 0);
+}
+
+static void on_sentinel_check(evutil_socket_t fd, short what, void *arg)
+{
+    bw_redis_sync *r = arg;
+    if (r->state == CONN_READY && !r->closing)
+        sentinel_start(r, true);
+}
+
+static void sentinel_drop(bw_redis_sync *r)
+{
+    if (r->s_timeout != NULL)
+        evtimer_del(r->s_timeout);
+    if (r->sctx != NULL) {
+        redisAsyncContext *ac = r->sctx;
+        r->sctx = NULL;
+        redisAsyncFree(ac);
+    }
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -1751,6 +1956,18 @@ static void handle_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
     case CMD_EPOCH_SET:
     case CMD_INDEX_SET:
         break;
+    case CMD_ROLE:
+        if (rep->type != REDIS_REPLY_ARRAY || rep->elements < 1 ||
+            rep->element[0]->type != REDIS_REPLY_STRING ||
+            strcmp(rep->element[0]->str, "master") != 0) {
+            r->handshake_failed = true;
+            fail(r, ERR_CONNECT,
+                 "%s:%d is not the master (the sentinels' view is stale); "
+                 "asking again",
+                 r->target.host, r->target.port);
+            drop_later(r);
+        }
+        break;
     case CMD_EPOCH_HEAD:
         epoch_head_reply(r, rep);
         break;
@@ -1875,25 +2092,82 @@ static bool str_differs(const char *a, const char *b)
     return strcmp(a, b) != 0;
 }
 
+/* What identifies where to connect: the URL, or the sentinels and master name, and the
+ * password. A change of it reconnects. */
+static char *conn_signature(const bw_redis_conf *rc)
+{
+    size_t len = 64 + (rc->url ? strlen(rc->url) : 0) +
+                 (rc->master_name ? strlen(rc->master_name) : 0) +
+                 (rc->password ? strlen(rc->password) : 0);
+    for (size_t i = 0; i < rc->n_sentinels; i++)
+        len += strlen(rc->sentinels[i]) + 1;
+    char *sig = malloc(len);
+    if (sig == NULL)
+        return NULL;
+    int n = snprintf(sig, len, "%s|%s|%s|", rc->url ? rc->url : "",
+                     rc->master_name ? rc->master_name : "", rc->password ? rc->password : "");
+    for (size_t i = 0; i < rc->n_sentinels && n > 0 && (size_t)n < len; i++)
+        n += snprintf(sig + n, len - (size_t)n, "%s,", rc->sentinels[i]);
+    return sig;
+}
+
+static void sentinel_forget(bw_redis_sync *r)
+{
+    sentinel_drop(r);
+    for (uint32_t i = 0; i < r->n_sentinels; i++)
+        free(r->sentinels[i]);
+    free(r->sentinels);
+    free(r->master_name);
+    r->sentinels = NULL;
+    r->master_name = NULL;
+    r->n_sentinels = 0;
+    r->sentinel = false;
+}
+
 static void apply_config(bw_redis_sync *r, const bw_config *cfg)
 {
     const bw_redis_conf *rc = &cfg->redis;
     bool was = r->enabled;
-    bool conn_changed = was != rc->enabled || str_differs(r->url, rc->url);
+    char *sig = conn_signature(rc);
+    bool conn_changed = was != rc->enabled || sig == NULL || str_differs(r->url, sig);
     bool prefix_changed = str_differs(r->prefix, rc->key_prefix);
     r->cfg = cfg;
-    r->enabled = rc->enabled && rc->url != NULL;
+    r->enabled = rc->enabled && (rc->url != NULL || rc->n_sentinels > 0);
     r->connect_timeout_ms = rc->connect_timeout_ms ? rc->connect_timeout_ms : 1000;
     r->command_timeout_ms = rc->command_timeout_ms ? rc->command_timeout_ms : 1000;
     if (conn_changed) {
         free(r->url);
-        r->url = rc->url != NULL ? strdup(rc->url) : NULL;
+        r->url = sig;
+        sig = NULL;
+        sentinel_forget(r);
         char err[160];
-        r->target_ok =
-            r->url != NULL && bw_redis_url_parse(r->url, &r->target, err, sizeof(err)) == 0;
-        if (r->enabled && !r->target_ok)
-            fail(r, ERR_CONNECT, "redis.url: %s", r->url != NULL ? err : "missing");
+        if (rc->url != NULL) {
+            r->target_ok = bw_redis_url_parse(rc->url, &r->target, err, sizeof(err)) == 0;
+            if (r->enabled && !r->target_ok)
+                fail(r, ERR_CONNECT, "redis.url: %s", err);
+            if (r->target_ok && r->target.password[0] == '\0' && rc->password != NULL)
+                copy_str(r->target.password, sizeof(r->target.password), rc->password);
+        } else if (rc->n_sentinels > 0 && rc->master_name != NULL) {
+            memset(&r->target, 0, sizeof(r->target));
+            r->target_ok = false; /* until a sentinel names the master */
+            if (rc->password != NULL)
+                copy_str(r->target.password, sizeof(r->target.password), rc->password);
+            r->sentinels = calloc(rc->n_sentinels, sizeof(*r->sentinels));
+            r->master_name = strdup(rc->master_name);
+            if (r->sentinels != NULL && r->master_name != NULL) {
+                for (size_t i = 0; i < rc->n_sentinels; i++)
+                    if ((r->sentinels[r->n_sentinels] = strdup(rc->sentinels[i])) != NULL)
+                        r->n_sentinels++;
+                r->sentinel = r->n_sentinels > 0;
+                r->s_next = r->n_sentinels - 1; /* the first query goes to the first one */
+            }
+            if (!r->sentinel)
+                fail(r, ERR_CONNECT, "out of memory for the sentinel list");
+        } else {
+            r->target_ok = false;
+        }
     }
+    free(sig);
     if (prefix_changed) {
         free(r->prefix);
         r->prefix = strdup(rc->key_prefix != NULL ? rc->key_prefix : "breakwater");
@@ -1945,10 +2219,19 @@ static void apply_config(bw_redis_sync *r, const bw_config *cfg)
             drop_connection(r); /* schedules a reconnect to the new URL when still enabled */
         evtimer_del(r->retry);
         r->attempt = 0;
-        connect_now(r);
+        if (r->sentinel) {
+            struct timeval tv = {SENTINEL_CHECK_MS / 1000, (SENTINEL_CHECK_MS % 1000) * 1000};
+            event_add(r->s_check, &tv);
+            sentinel_start(r, false);
+        } else {
+            evtimer_del(r->s_check);
+            connect_now(r);
+        }
     }
-    if (!r->enabled)
+    if (!r->enabled) {
         evtimer_del(r->tick);
+        evtimer_del(r->s_check);
+    }
     publish(r);
 }
 
@@ -1986,9 +2269,12 @@ bw_redis_sync *bw_redis_sync_new(struct event_base *base, const bw_shm *shm, con
     r->timeout = evtimer_new(base, on_timeout, r);
     r->retry = evtimer_new(base, on_retry, r);
     r->drop_ev = event_new(base, -1, 0, on_drop_event, r);
+    r->s_timeout = evtimer_new(base, on_sentinel_timeout, r);
+    r->s_next_ev = event_new(base, -1, 0, on_sentinel_next, r);
+    r->s_check = event_new(base, -1, EV_PERSIST, on_sentinel_check, r);
     if (r->br == NULL || r->pol == NULL || (t != NULL && (r->rl == NULL || r->rl_busy == NULL)) ||
-        r->tick == NULL ||
-        r->timeout == NULL || r->retry == NULL || r->drop_ev == NULL) {
+        r->tick == NULL || r->timeout == NULL || r->retry == NULL || r->drop_ev == NULL ||
+        r->s_timeout == NULL || r->s_next_ev == NULL || r->s_check == NULL) {
         bw_redis_sync_free(r);
         return NULL;
     }
@@ -2046,6 +2332,7 @@ void bw_redis_sync_stats(const bw_redis_sync *r, bw_redis_stats *out)
     out->live_instances = r->live;
     out->data_losses = r->data_losses;
     out->fleet_resets = r->fleet_resets;
+    out->failovers = r->failovers;
 }
 
 const char *bw_redis_sync_ratelimit_script(void)
@@ -2081,6 +2368,13 @@ void bw_redis_sync_free(bw_redis_sync *r)
         event_free(r->retry);
     if (r->drop_ev != NULL)
         event_free(r->drop_ev);
+    sentinel_forget(r);
+    if (r->s_timeout != NULL)
+        event_free(r->s_timeout);
+    if (r->s_next_ev != NULL)
+        event_free(r->s_next_ev);
+    if (r->s_check != NULL)
+        event_free(r->s_check);
     if (r->shm != NULL && r->shm->hdr != NULL) {
         r->up = false;
         atomic_store_explicit(&r->shm->hdr->status.redis_up, 0u, memory_order_relaxed);

@@ -53,6 +53,7 @@ typedef struct bw_redis_stats {
     uint32_t live_instances;    /* from the heartbeats; 0 = not known yet */
     uint64_t data_losses;       /* times the fleet epoch changed: Redis lost its data */
     uint64_t fleet_resets;      /* deletions of the breaker index seen (every breaker reset) */
+    uint64_t failovers;         /* with Sentinel: moves to a master at another address */
 } bw_redis_stats;
 
 /*

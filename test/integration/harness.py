@@ -1891,3 +1891,68 @@ def readyz_check(doc, name):
         if c.get("name") == name:
             return c
     raise AssertionError("no check %r in /readyz: %r" % (name, doc))
+
+
+class RedisSentinel:
+    """Debian's redis-sentinel on a free 127.0.0.1 port, monitoring one master (quorum 1) with
+    short detection and failover times, so that a test sees a failover within seconds.
+    master_port may name a port where nothing listens (a sentinel naming an unreachable
+    master). call() talks to the sentinel itself."""
+
+    def __init__(self, tmp_path, master_port, name="mymaster", down_after_ms=1000):
+        self.tmp_path = Path(tmp_path)
+        self.port = free_port()
+        self.n = next(_instance_counter)
+        self.name = name
+        self.conf = self.tmp_path / ("sentinel%d.conf" % self.n)
+        self.log_path = self.tmp_path / ("sentinel%d.log" % self.n)
+        self.conf.write_text(
+            "port %d\nbind 127.0.0.1\ndaemonize no\nlogfile %s\ndir %s\n"
+            "sentinel monitor %s 127.0.0.1 %d 1\n"
+            "sentinel down-after-milliseconds %s %d\n"
+            "sentinel failover-timeout %s %d\n"
+            "sentinel parallel-syncs %s 1\n"
+            % (self.port, self.log_path, self.tmp_path, name, master_port, name,
+               int(down_after_ms * SLOW), name, int(3000 * SLOW), name))
+        self.proc = subprocess.Popen(["redis-sentinel", str(self.conf)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, cwd=str(self.tmp_path))
+        _all_redis.append(self)
+
+        def answers():
+            if self.proc.poll() is not None:
+                raise HarnessError("redis-sentinel exited at start:\n%s"
+                                   % _read_text(self.log_path)[-2000:])
+            try:
+                return self.call("PING", timeout=1) == "PONG"
+            except (OSError, RedisError, ValueError):
+                return False
+        wait_until(answers, 10 * SLOW, interval=0.02,
+                   message="redis-sentinel to answer on port %d" % self.port)
+
+    @property
+    def address(self):
+        return "127.0.0.1:%d" % self.port
+
+    def call(self, *args, timeout=5.0):
+        with RedisClient(self.port, None, timeout) as c:
+            return c.call(*args)
+
+    def master_port(self):
+        addr = self.call("SENTINEL", "get-master-addr-by-name", self.name)
+        return int(addr[1]) if addr else None
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self):
+        if self.proc is not None and self.running():
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait(10)
+
+    # RedisServer's teardown protocol
+    paused = False
+
+    def resume(self):
+        pass
