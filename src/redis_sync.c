@@ -1555,11 +1555,15 @@ static void retire(bw_redis_sync *r, rl_rec *rec)
                     oldest = i;
             if (r->n_orphans == 0) {
                 r->orphan_tokens_lost += rec->cum - rec->acked;
+                if (rl_table(r) != NULL)
+                    bw_ratelimit_fleet_count_lost(rl_table(r), rec->cum - rec->acked);
                 memset(rec, 0, sizeof(*rec));
                 return;
             }
             uint64_t lost = r->orphans[oldest].cum - r->orphans[oldest].acked;
             r->orphan_tokens_lost += lost;
+            if (rl_table(r) != NULL)
+                bw_ratelimit_fleet_count_lost(rl_table(r), lost);
             fail(r, ERR_OVERLOAD,
                  "too many undelivered rate-limit keys; %" PRIu64 " tokens of one given up", lost);
             at = oldest;

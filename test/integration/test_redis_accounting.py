@@ -116,3 +116,31 @@ def test_heartbeats_use_redis_time_so_a_skewed_clock_does_not_prune_instances(
     for _ in range(3):
         fleet.wait_rounds(a, b)
         assert redis_server.call("ZCARD", "%s:instances" % fleet.PREFIX) == 2
+
+
+def test_tokens_of_busy_keys_forced_out_of_a_full_table_are_counted_not_hidden(
+        redis_server, upstream, breakwater_factory):
+    # Buckets that never get idle (slow refill) in a 16-entry table: new keys force busy ones
+    # out, some before the master has collected their token. Every token is then either
+    # delivered to the fleet or counted as lost.
+    bw = breakwater_factory(limited_config(upstream, redis_server, capacity=5, refill=0.001,
+                                           table_size=16))
+    fleet.wait_fleet(redis_server, bw)
+    redis_server.stop()
+    harness.wait_until(lambda: fleet.redis_up(bw) == 0, 5 * SLOW, message="redis down")
+    keys = ["busy-%d" % i for i in range(200)]
+    for k in keys:
+        assert one(bw, k) == 200
+    redis_server.start()
+    harness.wait_until(lambda: fleet.redis_up(bw) == 1, 10 * SLOW, message="redis back")
+    harness.wait_until(
+        lambda: metric_sum(harness.scrape(bw), "breakwater_redis_pending_deltas") == 0,
+        10 * SLOW, message="every held token acknowledged")
+    samples = harness.scrape(bw)
+    evicted = metric_sum(samples, "breakwater_rate_limit_evictions_total")
+    owed = metric_sum(samples, "breakwater_rate_limit_owed_evictions_total")
+    lost = metric_sum(samples, "breakwater_rate_limit_owed_tokens_lost_total")
+    assert evicted > 0 and owed is not None and lost is not None, samples
+    assert owed <= evicted
+    got = sum(sum(delivered(redis_server, k).values()) for k in keys)
+    assert got + lost == len(keys), (got, lost, owed, evicted)
