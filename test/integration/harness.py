@@ -1956,3 +1956,33 @@ class RedisSentinel:
 
     def resume(self):
         pass
+
+
+class KeepAliveGets:
+    """GETs on one keep-alive connection, reopened only when the proxy closes it: for tests
+    that send many requests in a loop without leaving thousands of TIME_WAIT sockets behind
+    (which slow every later reader of /proc/net/tcp)."""
+
+    def __init__(self, port):
+        self.port = port
+        self.client = None
+
+    def get(self, target="/", headers=None):
+        if self.client is None:
+            self.client = Client(self.port)
+        self.client.send(build_request("GET", target, list(headers or [])))
+        r = self.client.read_response()
+        if "close" in (r.header("connection") or "").lower():
+            self.close()
+        return r
+
+    def close(self):
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -60,7 +60,8 @@ def test_backoff_grows_fleet_wide_and_followers_wait_the_grown_period(
     # B keeps refusing for the grown period: its healthy upstream sees nothing until then.
     n_b = len(up_b.all_requests)
     until = t_level2 + wait_a / 1000.0 * 0.85
-    while time.monotonic() < until:
-        fleet.assert_circuit_open(fleet.fresh(b))
+    with harness.KeepAliveGets(b.port) as ka:
+        while time.monotonic() < until:
+            fleet.assert_circuit_open(ka.get("/"))
     assert len(up_b.all_requests) == n_b, "B probed before the fleet's grown period ended"
     assert cb(b)["state"] == "open"

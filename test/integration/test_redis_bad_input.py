@@ -99,8 +99,11 @@ def test_a_wrong_typed_epoch_blocks_no_request_and_no_reset_is_misread(
     # With the epoch unreadable, a vanished record is not taken for a reset.
     redis_server.call("DEL", fleet.breaker_key())
     deadline = time.monotonic() + 1.0 * SLOW
-    while time.monotonic() < deadline:
-        fleet.assert_circuit_open(plain(bw))
+    with harness.KeepAliveGets(bw.port) as ka:
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            fleet.assert_circuit_open(ka.get("/", [("X-Api-Key", "epoch-driver-%d" % n)]))
     # Once the epoch is readable again, DEL means reset again.
     redis_server.call("DEL", "%s:epoch" % P)
     fleet.wait_rounds(bw)
@@ -157,9 +160,11 @@ def test_a_read_only_replica_is_left_with_backoff_and_requests_flow(tmp_path, up
         c0 = conns()
         t0 = time.monotonic()
         n = 0
-        while time.monotonic() < t0 + 3.0:
-            assert one(bw, "replica-client-%d" % n) == 200
-            n += 1
+        with harness.KeepAliveGets(bw.port) as ka:
+            while time.monotonic() < t0 + 3.0:
+                r = ka.get("/", [("X-Api-Key", "replica-client-%d" % n)])
+                assert r.status == 200, r
+                n += 1
         took = time.monotonic() - t0
         made = conns() - c0
         # Without backoff: a new connection every round (30 in 3 s).
