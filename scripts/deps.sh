@@ -6,7 +6,8 @@ set -euo pipefail
 
 build_pkgs=(gcc meson ninja-build pkg-config libevent-dev libssl-dev libcjson-dev
             libhiredis-dev python3 curl ca-certificates)
-test_pkgs=(libcmocka-dev python3-pytest python3-redis redis-server openssl prometheus)
+test_pkgs=(libcmocka-dev python3-pytest python3-redis redis-server redis-sentinel faketime openssl
+           prometheus)
 
 want=("${build_pkgs[@]}")
 [ "${1:-build}" = test ] && want+=("${test_pkgs[@]}")
