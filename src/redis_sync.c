@@ -140,8 +140,7 @@ typedef struct rl_rec {
     uint64_t bad_until_ms; /* monotonic: the key held something else; not sent before */
     uint8_t bad;           /* consecutive such answers */
     uint32_t policy_id;
-    char policy[BW_SHM_NAME_MAX];
-    char key[BW_RATELIMIT_FLEET_KEY_MAX + 1];
+    char key[BW_RATELIMIT_FLEET_KEY_MAX + 1]; /* the policy is named through policy_id */
 } rl_rec;
 
 typedef struct policy_ent {
@@ -1600,7 +1599,6 @@ static void collect_slot(bw_redis_sync *r, bw_ratelimit_table *t, uint32_t i, ui
         rec->tag = fe.tag;
         rec->inc = ++r->next_inc;
         rec->policy_id = fe.policy_id;
-        copy_str(rec->policy, sizeof(rec->policy), policy_at(r, fe.policy_id)->name);
         copy_str(rec->key, sizeof(rec->key), fe.key);
     }
     uint32_t got = bw_ratelimit_fleet_collect(t, i, rec->tag);
@@ -1697,11 +1695,15 @@ static bool batch_add(bw_redis_sync *r, rl_batch *b, rl_rec *rec, uint32_t idx, 
     }
     uint64_t active = rec->active_ms != 0 && rec->active_ms <= nm ? rec->active_ms : nm;
     const policy_ent *pe = policy_at(r, rec->policy_id);
+    if (pe == NULL) {
+        /* The policy went away with a reload: nothing is limited by it any more. */
+        memset(rec, 0, sizeof(*rec));
+        return false;
+    }
     uint32_t k = b->n++;
-    snprintf(b->keys[k], sizeof(b->keys[k]), "%s:rate-limit:%s:%s", r->prefix, rec->policy,
-             rec->key);
-    uint64_t iv_ns = pe != NULL ? pe->params.interval_ns : 0;
-    uint32_t capn = pe != NULL ? pe->params.capacity : 1;
+    snprintf(b->keys[k], sizeof(b->keys[k]), "%s:rate-limit:%s:%s", r->prefix, pe->name, rec->key);
+    uint64_t iv_ns = pe->params.interval_ns;
+    uint32_t capn = pe->params.capacity;
     /* The fleet's lead is bounded: by one full window per live instance, enough to carry a
      * burst that every instance admitted before hearing of the others, and no more, so tokens
      * delivered late (after a partition) cannot lock a client out for long. */
