@@ -10,6 +10,8 @@
 """
 
 import glob
+import socket
+import threading
 import os
 import time
 
@@ -185,3 +187,117 @@ def test_an_outage_of_any_length_keeps_the_master_bounded_and_counts_what_it_giv
                        if f not in ("tat", "taken"))
     assert got + lost == len(keys), (got, lost)
     assert lost > 0 and got >= 1024, (got, lost)
+
+
+class ReplyEater:
+    """A TCP relay in front of Redis that, from the first command mentioning `trigger` on,
+    swallows every reply while still passing commands on: that command lands in Redis but its
+    reply is lost. Switching back closes the relayed connections (their reply streams have
+    holes), so the instance reconnects cleanly."""
+
+    def __init__(self, redis_port):
+        self.redis_port = redis_port
+        self.eat = False
+        self.trigger = None
+        self.conns = []
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                r = socket.create_connection(("127.0.0.1", self.redis_port), timeout=5)
+            except OSError:
+                c.close()
+                continue
+            with self.lock:
+                self.conns += [c, r]
+            threading.Thread(target=self._pump, args=(c, r, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(r, c, True), daemon=True).start()
+
+    def _pump(self, src, dst, replies):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if not replies and self.trigger is not None and self.trigger in data:
+                    self.eat = True
+                if not (replies and self.eat):
+                    dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def pass_replies(self):
+        self.trigger = None
+        self.eat = False
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        self.closed = True
+        self.sock.close()
+        self.pass_replies()
+
+
+def test_a_flush_whose_reply_was_lost_is_not_charged_again_after_the_key_expired(
+        redis_server, upstream, breakwater_factory, tmp_path):
+    relay = ReplyEater(redis_server.port)
+    try:
+        cfg = limited_config(upstream, redis_server, capacity=10, refill=5)
+        cfg["redis"]["url"] = "redis://127.0.0.1:%d" % relay.port
+        bw = breakwater_factory(cfg)
+        fleet.wait_fleet(redis_server, bw)
+        key = "%s:rate-limit:per_key:%s" % (fleet.PREFIX, fleet.header_key_name("lost-reply"))
+        relay.trigger = key.encode()
+        for _ in range(5):
+            assert one(bw, "lost-reply") == 200
+        # The flush lands (5 tokens: a second of refill), its reply never arrives.
+        harness.wait_until(lambda: list(delivered(redis_server, "lost-reply").values()) == [5],
+                           5 * SLOW, message="the flush landed in Redis")
+        t_landed = time.monotonic()
+        harness.wait_until(lambda: fleet.redis_up(bw) == 0, 5 * SLOW,
+                           message="the instance gave the silent connection up")
+        # The key expires (deleted here: expiry is just that), and the tokens are long paid back
+        # by the time the instance can retry: what is tested depends on elapsed time itself.
+        redis_server.call("DEL", key)
+        harness.wait_until(lambda: time.monotonic() > t_landed + 2.0, 10, interval=0.05,
+                           message="two seconds after the flush")
+        # Two more tokens meanwhile: they are new, and are charged (0.4 s of refill).
+        for _ in range(2):
+            assert one(bw, "lost-reply") == 200
+        relay.pass_replies()
+        harness.wait_until(lambda: fleet.redis_up(bw) == 1, 15 * SLOW, message="reconnected")
+        harness.wait_until(
+            lambda: metric_sum(harness.scrape(bw), "breakwater_redis_pending_deltas") == 0,
+            10 * SLOW, message="the retry acknowledged")
+        assert list(delivered(redis_server, "lost-reply").values()) == [7]
+        secs, micros = redis_server.call("TIME")
+        now_us = int(secs) * 1000000 + int(micros)
+        tat = int(redis_server.call("HGET", key, "tat") or 0)
+        # Only the 2 new tokens count (at most 0.4 s ahead); the 5 lost-reply ones charged
+        # again would put the fleet's bucket 1.4 s ahead.
+        assert tat - now_us <= 450000, "the retried flush was charged again: %d us ahead" % (
+            tat - now_us)
+    finally:
+        relay.close()
