@@ -644,6 +644,24 @@ bool bw_breaker_is_forced(const bw_breaker *b)
     return atomic_load_explicit(&b->forced_at_ms, memory_order_relaxed) != 0;
 }
 
+/*
+ * The wall clock minus the monotonic clock, in ms. Linux derives CLOCK_REALTIME from
+ * CLOCK_MONOTONIC plus an offset that only a step of the clock changes (frequency slewing moves
+ * both), so reading it between two monotonic reads gives the same value on every call, and a
+ * breaker time shown twice, or written to the fleet twice, comes out alike.
+ */
+int64_t bw_breaker_wall_offset_ms(void)
+{
+    struct timespec m1, w, m2;
+    clock_gettime(CLOCK_MONOTONIC, &m1);
+    clock_gettime(CLOCK_REALTIME, &w);
+    clock_gettime(CLOCK_MONOTONIC, &m2);
+    int64_t mono_ns = ((int64_t)m1.tv_sec + (int64_t)m2.tv_sec) * 500000000 +
+                      ((int64_t)m1.tv_nsec + (int64_t)m2.tv_nsec) / 2;
+    int64_t wall_ns = (int64_t)w.tv_sec * 1000000000 + (int64_t)w.tv_nsec;
+    return (wall_ns - mono_ns) / 1000000;
+}
+
 uint64_t bw_breaker_now_ms(void)
 {
     struct timespec ts;
@@ -802,6 +820,61 @@ bool bw_breaker_force(bw_breaker *b, const bw_breaker_conf *c, bw_breaker_state 
             return true;
         }
     }
+}
+
+/*
+ * Following the fleet keeps its backoff: the open period is the fleet's (its start, level and
+ * jitter), and half_open elsewhere is not copied here (see the header). A fleet opening that
+ * differs from the local one (a later re-opening, another level) is a new open period here too.
+ */
+bool bw_breaker_follow(bw_breaker *b, const bw_breaker_conf *c, bw_breaker_state state,
+                       uint64_t opened_at_ms, uint64_t delay_ms, unsigned level, unsigned jitter,
+                       uint64_t now_ms, bw_breaker_transition *t)
+{
+    clear_transition(t);
+    if ((unsigned)state > BW_BREAKER_HALF_OPEN)
+        return false;
+    if (state == BW_BREAKER_CLOSED)
+        return bw_breaker_force(b, c, state, 0, now_ms, t);
+    if (level > W_LEVEL_MASK)
+        level = W_LEVEL_MASK;
+    if (jitter > W_JITTER_MASK)
+        jitter = W_JITTER_MASK;
+    /* Never in the future: another host's clock may run ahead. */
+    uint64_t opened = opened_at_ms != 0 && opened_at_ms < now_ms ? opened_at_ms : now_ms;
+    uint64_t cur = atomic_load(&b->word);
+    for (;;) {
+        word w = unpack(cur);
+        if (w.state == BW_BREAKER_HALF_OPEN && state == BW_BREAKER_HALF_OPEN)
+            return false; /* probing here too, on its own timer */
+        if (w.state == BW_BREAKER_OPEN &&
+            (level == 0 || (w.level == level && w.jitter == jitter)) &&
+            atomic_load_explicit(&b->opened_at_ms, memory_order_relaxed) >= opened)
+            return false; /* the same open period, or a newer local one */
+        word n = next_state(w, BW_BREAKER_OPEN);
+        if (level != 0) {
+            n.level = level;
+            n.jitter = jitter;
+        } else if (n.level == 0) {
+            n.level = 1;
+        }
+        if (transition(b, &cur, n, opened + delay_ms, now_ms)) {
+            /* The fleet's opening time, not this instance's de-synchronised start. */
+            atomic_store_explicit(&b->opened_at_ms, opened, memory_order_relaxed);
+            note(t, w, n, BW_BREAKER_CAUSE_FORCED);
+            if (t != NULL)
+                t->wait_ms = wait_for(c, n.level, n.jitter) + delay_ms;
+            return true;
+        }
+    }
+}
+
+/* Backoff level and jitter of the current (or last) open period, for the fleet record. */
+void bw_breaker_backoff(const bw_breaker *b, unsigned *level, unsigned *jitter)
+{
+    word w = unpack(atomic_load(&b->word));
+    *level = w.level;
+    *jitter = w.jitter;
 }
 
 void bw_breaker_snapshot(const bw_breaker *b, const bw_breaker_conf *c, uint64_t now_ms,

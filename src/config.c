@@ -2449,21 +2449,97 @@ static void parse_trusted_proxies(vctx *c, const cJSON *root, bw_config *cfg)
                     &cfg->n_trusted_proxies);
 }
 
+/* redis.sentinels, redis.master_name and redis.password_env. True when sentinels are
+ * configured (and valid enough to connect through). */
+static bool parse_redis_sentinels(vctx *c, const cJSON *o, bw_redis_conf *r)
+{
+    char p[PATH_LEN], got[96], why[256];
+    const cJSON *arr = field(o, "sentinels");
+    const char *name = get_string(c, o, "redis", "master_name", false);
+    const char *penv = get_string(c, o, "redis", "password_env", false);
+    if (penv != NULL) {
+        const char *pw = valid_env_name(penv) ? env_get(c, penv) : NULL;
+        if (!valid_env_name(penv))
+            verr(c, "redis.password_env", "\"%s\" is not an environment variable name", penv);
+        else if (pw == NULL)
+            verr(c, "redis.password_env", "the environment variable %s is not set or empty", penv);
+        else if (strlen(pw) >= 256)
+            verr(c, "redis.password_env", "the password in %s is longer than 255 bytes", penv);
+        else
+            r->password = vstrdup(c, pw);
+    }
+    if (arr == NULL) {
+        if (name != NULL)
+            verr(c, "redis.master_name", "only meaningful with redis.sentinels");
+        return false;
+    }
+    if (!cJSON_IsArray(arr) || cJSON_GetArraySize(arr) == 0) {
+        verr(c, "redis.sentinels", "must be a non-empty array of \"HOST:PORT\" strings, got %s",
+             describe(arr, got, sizeof got));
+        return false;
+    }
+    if (name == NULL) {
+        verr_at(c, "redis", 0, "redis.master_name", "required with redis.sentinels");
+        return false;
+    }
+    size_t n = (size_t)cJSON_GetArraySize(arr), i = 0;
+    r->sentinels = vcalloc(c, n, sizeof *r->sentinels);
+    if (r->sentinels == NULL)
+        return false;
+    const cJSON *el;
+    bool ok = true;
+    cJSON_ArrayForEach(el, arr)
+    {
+        path_idx(p, sizeof p, "redis.sentinels", i++);
+        char url[128];
+        if (!cJSON_IsString(el) || strlen(el->valuestring) > 100) {
+            verr(c, p, "must be a \"HOST:PORT\" string, got %s", describe(el, got, sizeof got));
+            ok = false;
+            continue;
+        }
+        snprintf(url, sizeof url, "redis://%s", el->valuestring);
+        if (strchr(el->valuestring, '/') != NULL || strchr(el->valuestring, '@') != NULL ||
+            redis_url_check(url, why, sizeof why) < 0) {
+            verr(c, p, "\"%s\" is not HOST:PORT (an IP address or localhost, and a port)",
+                 el->valuestring);
+            ok = false;
+            continue;
+        }
+        r->sentinels[r->n_sentinels++] = vstrdup(c, el->valuestring);
+    }
+    r->master_name = vstrdup(c, name);
+    return ok;
+}
+
 static void parse_redis(vctx *c, const cJSON *root, bw_config *cfg)
 {
-    static const char *const fields[] = {"url",      "key_prefix",         "sync_interval_ms",
-                                         "required", "connect_timeout_ms", "command_timeout_ms",
-                                         "share_when_down", NULL};
+    static const char *const fields[] = {"url",
+                                         "key_prefix",
+                                         "sync_interval_ms",
+                                         "required",
+                                         "connect_timeout_ms",
+                                         "command_timeout_ms",
+                                         "share_when_down",
+                                         "sentinels",
+                                         "master_name",
+                                         "password_env",
+                                         NULL};
     bw_redis_conf *r = &cfg->redis;
     char why[256];
     const cJSON *o = get_object(c, root, "", "redis", false);
     const char *url = NULL, *prefix = NULL;
+    bool sentinel = false;
 
     if (o == NULL && field(root, "redis") != NULL)
         return;
     if (o != NULL) {
         check_fields(c, o, "redis", fields);
-        url = get_string(c, o, "redis", "url", c->env.redis_url == NULL);
+        sentinel = parse_redis_sentinels(c, o, r);
+        url = get_string(c, o, "redis", "url", c->env.redis_url == NULL && !sentinel);
+        if (url != NULL && sentinel) {
+            verr(c, "redis.url", "give either url or sentinels (with master_name), not both");
+            url = NULL;
+        }
         if (url != NULL && redis_url_check(url, why, sizeof why) < 0) {
             verr(c, "redis.url", "invalid URL: %s", why);
             url = NULL;
@@ -2481,10 +2557,10 @@ static void parse_redis(vctx *c, const cJSON *root, bw_config *cfg)
     }
     if (c->env.redis_url != NULL)
         url = c->env.redis_url;
-    if (url == NULL)
+    if (url == NULL && !sentinel)
         return;
     r->enabled = true;
-    r->url = vstrdup(c, url);
+    r->url = url != NULL ? vstrdup(c, url) : NULL;
     r->key_prefix = vstrdup(c, prefix ? prefix : "breakwater");
 }
 
@@ -2801,6 +2877,11 @@ void bw_config_free(bw_config *cfg)
     free(cfg->resolvers);
     free(cfg->redis.url);
     free(cfg->redis.key_prefix);
+    for (size_t i = 0; i < cfg->redis.n_sentinels; i++)
+        free(cfg->redis.sentinels[i]);
+    free(cfg->redis.sentinels);
+    free(cfg->redis.master_name);
+    free(cfg->redis.password);
     free(cfg->log.error_log);
     free(cfg->log.access_log);
     free(cfg);

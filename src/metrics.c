@@ -433,6 +433,15 @@ static void render_rate_limits(const bw_shm *shm, const bw_config *cfg, uint64_t
     family(out, evict, "counter",
            "Rate-limit entries still in use forced out of the table to make room for new keys.");
     evbuffer_add_printf(out, "%s %" PRIu64 "\n", evict, st.evictions);
+    if (bw_ratelimit_fleet_enabled(t)) {
+        static const char owed[] = "breakwater_rate_limit_owed_evictions_total";
+        static const char lost[] = "breakwater_rate_limit_owed_tokens_lost_total";
+        family(out, owed, "counter",
+               "Rate-limit keys dropped while they still owed tokens to the fleet (Redis).");
+        evbuffer_add_printf(out, "%s %" PRIu64 "\n", owed, st.owed_evictions);
+        family(out, lost, "counter", "Tokens those keys owed, never counted fleet-wide.");
+        evbuffer_add_printf(out, "%s %" PRIu64 "\n", lost, st.owed_tokens_lost);
+    }
 }
 
 static void render_connections(const bw_shm *shm, const bw_config *cfg, struct evbuffer *out)

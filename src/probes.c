@@ -47,25 +47,6 @@ static void snapshot(const bw_shm *shm, const bw_upstream_conf *u, uint64_t mono
 }
 
 /*
- * The wall clock minus the monotonic clock, in ms. Linux derives CLOCK_REALTIME from
- * CLOCK_MONOTONIC plus an offset that only a step of the clock changes (frequency slewing moves
- * both), so reading it between two monotonic reads gives the same value on every call, and a
- * breaker time shown twice is shown alike. The wall_ms argument is not used for this: it was read
- * at another instant.
- */
-static int64_t wall_offset_ms(void)
-{
-    struct timespec m1, w, m2;
-    clock_gettime(CLOCK_MONOTONIC, &m1);
-    clock_gettime(CLOCK_REALTIME, &w);
-    clock_gettime(CLOCK_MONOTONIC, &m2);
-    int64_t mono_ns = ((int64_t)m1.tv_sec + (int64_t)m2.tv_sec) * 500000000 +
-                      ((int64_t)m1.tv_nsec + (int64_t)m2.tv_nsec) / 2;
-    int64_t wall_ns = (int64_t)w.tv_sec * 1000000000 + (int64_t)w.tv_nsec;
-    return (wall_ns - mono_ns) / 1000000;
-}
-
-/*
  * A breaker time (monotonic ms) as wall-clock ms, for display; 0 stays 0 ("never"). A value far
  * beyond the monotonic clock's present (more than a day ahead) can only have been written with
  * wall-clock time by a caller that passed the wrong clock (a reset stamps the time it is given):
@@ -266,7 +247,7 @@ void bw_probes_upstream_json(const bw_shm *shm, const bw_upstream_conf *u, uint6
     bw_breaker_view v;
     snapshot(shm, u, mono, &v);
     char since[96], opened[112];
-    int64_t offset = wall_offset_ms();
+    int64_t offset = bw_breaker_wall_offset_ms();
     (void)now_ms;
     bw_probes_iso8601(mono_to_wall(v.since_ms, offset), since, sizeof(since));
     if (v.opened_at_ms) {

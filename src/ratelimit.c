@@ -82,7 +82,7 @@ struct bw_ratelimit_table {
     uint64_t fleet_off;           /* bytes from the table to its fleet area; 0 = none */
     _Atomic uint64_t fleet_share; /* > 1: Redis is down, limit each key to 1/share of it */
     _Atomic uint64_t fleet_lost;  /* unsent tokens of busy keys forced out of the table */
-    uint64_t reserved[1];         /* keeps the slots on their own cache lines */
+    _Atomic uint64_t owed_evictions; /* such evictions, counted apart from idle reclaims */
     bw_rl_slot slots[];
 };
 
@@ -153,7 +153,7 @@ bw_ratelimit_table *bw_ratelimit_table_init(void *mem, uint32_t entries)
     t->fleet_off = 0;
     atomic_init(&t->fleet_share, 0);
     atomic_init(&t->fleet_lost, 0);
-    memset(t->reserved, 0, sizeof(t->reserved));
+    atomic_init(&t->owed_evictions, 0);
     for (uint32_t i = 0; i < entries; i++) {
         atomic_init(&t->slots[i].tag, 0);
         atomic_init(&t->slots[i].value, 0);
@@ -358,8 +358,10 @@ static void fleet_claimed(bw_ratelimit_table *t, bw_rl_slot *s)
         return;
     uint32_t idx = slot_index(t, s);
     uint32_t lost = atomic_exchange_explicit(&fleet_pending(t)[idx], 0, memory_order_relaxed);
-    if (lost != 0)
+    if (lost != 0) {
         atomic_fetch_add_explicit(&t->fleet_lost, lost, memory_order_relaxed);
+        atomic_fetch_add_explicit(&t->owed_evictions, 1, memory_order_relaxed);
+    }
     atomic_store_explicit(&fleet_key(t, idx)->owner, 0, memory_order_release);
 }
 
@@ -486,6 +488,18 @@ void bw_ratelimit_table_stats(const bw_ratelimit_table *t, bw_ratelimit_stats *o
     out->bytes = bw_ratelimit_table_size_bytes(t->entries);
     out->evictions = atomic_load_explicit(&mt->evictions, memory_order_relaxed);
     out->reclaims = atomic_load_explicit(&mt->reclaims, memory_order_relaxed);
+    out->owed_evictions =
+        t->fleet_off != 0 ? atomic_load_explicit(&mt->owed_evictions, memory_order_relaxed) : 0;
+    out->owed_tokens_lost =
+        t->fleet_off != 0 ? atomic_load_explicit(&mt->fleet_lost, memory_order_relaxed) : 0;
+}
+
+void bw_ratelimit_fleet_count_lost(bw_ratelimit_table *t, uint64_t tokens)
+{
+    if (t->fleet_off == 0 || tokens == 0)
+        return;
+    atomic_fetch_add_explicit(&t->fleet_lost, tokens, memory_order_relaxed);
+    atomic_fetch_add_explicit(&t->owed_evictions, 1, memory_order_relaxed);
 }
 
 size_t bw_ratelimit_table_check(const bw_ratelimit_table *t)

@@ -173,6 +173,10 @@ bool bw_breaker_is_forced(const bw_breaker *b);
  */
 uint64_t bw_breaker_now_ms(void);
 
+/* Wall-clock ms minus bw_breaker_now_ms(): constant between steps of the wall clock, so a
+ * breaker time converted to wall time (for display and the fleet record) and back is unchanged. */
+int64_t bw_breaker_wall_offset_ms(void);
+
 /*
  * Time passing with no traffic: open -> half_open once the open period is over, taking no
  * permit, so that readiness, /upstreams and the metrics show half_open without a request. The
@@ -208,6 +212,22 @@ bool bw_breaker_reset(bw_breaker *b, uint64_t now_ms, bw_breaker_transition *t);
  */
 bool bw_breaker_force(bw_breaker *b, const bw_breaker_conf *c, bw_breaker_state state,
                       uint64_t opened_at_ms, uint64_t now_ms, bw_breaker_transition *t);
+
+/*
+ * Applies a fleet record without losing its backoff. CLOSED: as bw_breaker_force(). OPEN, and
+ * HALF_OPEN (another instance is probing: this one stays open and waits out its own period
+ * rather than releasing its permits at the same instant): the breaker opens at opened_at_ms
+ * (0 or in the future: now) with the fleet's backoff level and jitter (level 0: unknown, keep
+ * the local one), and its open period starts delay_ms later, so that instances following the
+ * same record do not all probe at once. Nothing happens when it is already open with that
+ * level and jitter since that opening or later. True when a transition happened.
+ */
+bool bw_breaker_follow(bw_breaker *b, const bw_breaker_conf *c, bw_breaker_state state,
+                       uint64_t opened_at_ms, uint64_t delay_ms, unsigned level, unsigned jitter,
+                       uint64_t now_ms, bw_breaker_transition *t);
+
+/* The backoff level (openings since the last close) and jitter (permille) in the word. */
+void bw_breaker_backoff(const bw_breaker *b, unsigned *level, unsigned *jitter);
 
 void bw_breaker_snapshot(const bw_breaker *b, const bw_breaker_conf *c, uint64_t now_ms,
                          bw_breaker_view *out);

@@ -202,6 +202,12 @@ typedef struct bw_redis_conf {
     uint32_t command_timeout_ms; /* default 1000 */
     bool share_when_down; /* while Redis is unreachable, limit each key to capacity / live
                            * instances; default true */
+    /* Redis Sentinel, instead of url: the master named master_name is asked of these sentinels
+     * ("HOST:PORT", IP literals or localhost) and followed across failovers. */
+    char **sentinels;
+    size_t n_sentinels;
+    char *master_name;
+    char *password; /* from password_env: AUTH for the master (with url, the URL's wins) */
 } bw_redis_conf;
 
 typedef enum bw_log_level {

@@ -70,6 +70,10 @@ typedef struct bw_ratelimit_stats {
     size_t bytes;
     uint64_t evictions; /* busy keys forced out because their probe window was full */
     uint64_t reclaims;  /* idle entries (full buckets) reused for another key */
+    uint64_t owed_evictions;   /* fleet tables: keys dropped while tokens were owed to the fleet
+                                * (forced out with tokens not yet collected, or given up by the
+                                * master's bounded list of undelivered keys) */
+    uint64_t owed_tokens_lost; /* the tokens those keys still owed */
 } bw_ratelimit_stats;
 
 /* Precomputes a policy. refill_per_sec <= 0 (or NaN) means the bucket never refills. */
@@ -199,5 +203,7 @@ uint32_t bw_ratelimit_fleet_share(const bw_ratelimit_table *t);
 void bw_ratelimit_params_share(const bw_ratelimit_params *in, uint32_t n, bw_ratelimit_params *out);
 /* Tokens that were pending on busy keys forced out of a full table (never sent to the fleet). */
 uint64_t bw_ratelimit_fleet_lost(const bw_ratelimit_table *t);
+/* Master: counts tokens it had to give up (one key) in the table's owed-eviction counters. */
+void bw_ratelimit_fleet_count_lost(bw_ratelimit_table *t, uint64_t tokens);
 
 #endif

@@ -51,6 +51,9 @@ typedef struct bw_redis_stats {
     uint64_t rounds_skipped;    /* rounds not sent: previous one still out, or too many in flight */
     uint64_t connects;          /* successful connections (the first one included) */
     uint32_t live_instances;    /* from the heartbeats; 0 = not known yet */
+    uint64_t data_losses;       /* times the fleet epoch changed: Redis lost its data */
+    uint64_t fleet_resets;      /* deletions of the breaker index seen (every breaker reset) */
+    uint64_t failovers;         /* with Sentinel: moves to a master at another address */
 } bw_redis_stats;
 
 /*

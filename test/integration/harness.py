@@ -15,6 +15,7 @@ import errno
 import itertools
 import json
 import os
+import random
 import re
 import select
 import signal
@@ -72,8 +73,35 @@ def wait_until(predicate, timeout=10.0, interval=0.02, message="condition"):
 # ---------------------------------------------------------------------------------------------
 # Ports
 
+def _ephemeral_range():
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_free_port_rng = random.Random(os.getpid())
+
+
 def free_port():
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a server to listen on.
+
+    It is drawn below the kernel's ephemeral range when there is room: a port the kernel handed
+    out with bind(0) is one it may hand again to any outgoing connection (every test makes
+    thousands) before the server binds it, and the server then fails to start."""
+    lo, _ = _ephemeral_range()
+    if lo > 11000:
+        for _ in range(200):
+            port = _free_port_rng.randrange(10000, lo)
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+            finally:
+                s.close()
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         s.bind(("127.0.0.1", 0))
@@ -2095,3 +2123,98 @@ def upstream_on(host, handler=None, port=0):
     up.port = up._listener.getsockname()[1]
     up.address = "%s:%d" % (host, up.port)
     return up.start()
+
+
+class RedisSentinel:
+    """Debian's redis-sentinel on a free 127.0.0.1 port, monitoring one master (quorum 1) with
+    short detection and failover times, so that a test sees a failover within seconds.
+    master_port may name a port where nothing listens (a sentinel naming an unreachable
+    master). call() talks to the sentinel itself."""
+
+    def __init__(self, tmp_path, master_port, name="mymaster", down_after_ms=1000):
+        self.tmp_path = Path(tmp_path)
+        self.port = free_port()
+        self.n = next(_instance_counter)
+        self.name = name
+        self.conf = self.tmp_path / ("sentinel%d.conf" % self.n)
+        self.log_path = self.tmp_path / ("sentinel%d.log" % self.n)
+        self.conf.write_text(
+            "port %d\nbind 127.0.0.1\ndaemonize no\nlogfile %s\ndir %s\n"
+            "sentinel monitor %s 127.0.0.1 %d 1\n"
+            "sentinel down-after-milliseconds %s %d\n"
+            "sentinel failover-timeout %s %d\n"
+            "sentinel parallel-syncs %s 1\n"
+            % (self.port, self.log_path, self.tmp_path, name, master_port, name,
+               int(down_after_ms * SLOW), name, int(3000 * SLOW), name))
+        self.proc = subprocess.Popen(["redis-sentinel", str(self.conf)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, cwd=str(self.tmp_path))
+        _all_redis.append(self)
+
+        def answers():
+            if self.proc.poll() is not None:
+                raise HarnessError("redis-sentinel exited at start:\n%s"
+                                   % _read_text(self.log_path)[-2000:])
+            try:
+                return self.call("PING", timeout=1) == "PONG"
+            except (OSError, RedisError, ValueError):
+                return False
+        wait_until(answers, 10 * SLOW, interval=0.02,
+                   message="redis-sentinel to answer on port %d" % self.port)
+
+    @property
+    def address(self):
+        return "127.0.0.1:%d" % self.port
+
+    def call(self, *args, timeout=5.0):
+        with RedisClient(self.port, None, timeout) as c:
+            return c.call(*args)
+
+    def master_port(self):
+        addr = self.call("SENTINEL", "get-master-addr-by-name", self.name)
+        return int(addr[1]) if addr else None
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self):
+        if self.proc is not None and self.running():
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait(10)
+
+    # RedisServer's teardown protocol
+    paused = False
+
+    def resume(self):
+        pass
+
+
+class KeepAliveGets:
+    """GETs on one keep-alive connection, reopened only when the proxy closes it: for tests
+    that send many requests in a loop without leaving thousands of TIME_WAIT sockets behind
+    (which slow every later reader of /proc/net/tcp)."""
+
+    def __init__(self, port):
+        self.port = port
+        self.client = None
+
+    def get(self, target="/", headers=None):
+        if self.client is None:
+            self.client = Client(self.port)
+        self.client.send(build_request("GET", target, list(headers or [])))
+        r = self.client.read_response()
+        if "close" in (r.header("connection") or "").lower():
+            self.close()
+        return r
+
+    def close(self):
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1335,6 +1335,64 @@ static void test_monotonic_clock_is_what_counts(void **state)
     assert_int_equal(allow(&b, &c, 35000 + PROBE_TIMEOUT, &tk), BW_BREAKER_ALLOW_PROBE);
 }
 
+/* Following a fleet record: the fleet's level and jitter decide the open period, a remote
+ * half_open leaves this record open, and the follower's own period starts delay_ms later. */
+static void test_follow_keeps_fleet_backoff(void **state)
+{
+    (void)state;
+    bw_breaker_conf c = conf_default();
+    c.reset_timeout_ms = 1000;
+    c.max_reset_timeout_ms = 60000;
+    bw_breaker b;
+    bw_breaker_init(&b, 1000);
+    bw_breaker_transition t;
+    /* The fleet is at level 3 (4 s) with 50 permille of jitter (200 ms), opened at 5000. */
+    assert_true(bw_breaker_follow(&b, &c, BW_BREAKER_OPEN, 5000, 300, 3, 50, 6000, &t));
+    assert_true(t.happened);
+    assert_int_equal(t.to, BW_BREAKER_OPEN);
+    bw_breaker_view v;
+    bw_breaker_snapshot(&b, &c, 6000, &v);
+    assert_int_equal(v.state, BW_BREAKER_OPEN);
+    assert_int_equal(v.openings, 3);
+    assert_int_equal(v.opened_at_ms, 5000);
+    assert_int_equal(v.wait_ms, 4200);
+    assert_int_equal(v.retry_after_ms, 5000 + 300 + 4200 - 6000);
+    unsigned level, jitter;
+    bw_breaker_backoff(&b, &level, &jitter);
+    assert_int_equal(level, 3);
+    assert_int_equal(jitter, 50);
+    /* The same record again: nothing. */
+    assert_false(bw_breaker_follow(&b, &c, BW_BREAKER_OPEN, 5000, 200, 3, 50, 6100, &t));
+    /* Another instance went half_open: this one keeps waiting out its own period. */
+    assert_false(bw_breaker_follow(&b, &c, BW_BREAKER_HALF_OPEN, 5000, 200, 3, 50, 9000, &t));
+    bw_breaker_ticket tk;
+    assert_int_equal(allow(&b, &c, 9400, &tk), BW_BREAKER_REJECT);
+    assert_int_equal(allow(&b, &c, 9500, &tk), BW_BREAKER_ALLOW_PROBE);
+    /* Half-open here too: a remote half_open changes nothing, a remote re-opening wins. */
+    assert_false(bw_breaker_follow(&b, &c, BW_BREAKER_HALF_OPEN, 5000, 200, 3, 50, 9600, &t));
+    assert_true(bw_breaker_follow(&b, &c, BW_BREAKER_OPEN, 9550, 0, 4, 10, 9600, &t));
+    bw_breaker_snapshot(&b, &c, 9600, &v);
+    assert_int_equal(v.state, BW_BREAKER_OPEN);
+    assert_int_equal(v.openings, 4);
+    assert_int_equal(v.wait_ms, 8080);
+    /* A probe outcome of the old round is stale. */
+    bw_breaker_report(&b, &c, 9700, &tk, BW_BREAKER_SUCCESS, 0, &t);
+    assert_false(t.happened);
+    /* Closed in the fleet: closed here, backoff cleared. */
+    assert_true(bw_breaker_follow(&b, &c, BW_BREAKER_CLOSED, 0, 0, 0, 0, 9800, &t));
+    bw_breaker_backoff(&b, &level, &jitter);
+    assert_int_equal(level, 0);
+    /* A record without a level (older writers): level 1, as a fresh opening. */
+    assert_true(bw_breaker_follow(&b, &c, BW_BREAKER_HALF_OPEN, 9900, 0, 0, 0, 10000, &t));
+    bw_breaker_snapshot(&b, &c, 10000, &v);
+    assert_int_equal(v.state, BW_BREAKER_OPEN);
+    assert_int_equal(v.openings, 1);
+    /* An opening time in the future (a clock ahead) counts from now. */
+    assert_true(bw_breaker_follow(&b, &c, BW_BREAKER_OPEN, 99999, 0, 2, 0, 10100, &t));
+    bw_breaker_snapshot(&b, &c, 10100, &v);
+    assert_int_equal(v.opened_at_ms, 10100);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1384,6 +1442,7 @@ int main(void)
         cmocka_unit_test(test_zero_limits_are_clamped),
         cmocka_unit_test(test_describe_all_causes),
         cmocka_unit_test(test_forced_open),
+        cmocka_unit_test(test_follow_keeps_fleet_backoff),
         cmocka_unit_test(test_stress_processes_with_kill),
         cmocka_unit_test(test_tick_moves_to_half_open_without_requests),
         cmocka_unit_test(test_release_returns_the_probe_permit),

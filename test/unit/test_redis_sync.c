@@ -620,36 +620,70 @@ static void test_flush_idempotent(void **state)
     redisContext *c = sync_client(&s);
     const char *script = bw_redis_sync_ratelimit_script();
     const char *key = "bwtest:rate-limit:p:k";
-    /* instance, incarnation, cumulative, base, interval us, cap us, linger ms */
-    redisReply *rep = cmd(c, "EVAL %s 1 %s inst-a 1 5 0 1000000 100000000 60000", script, key);
+    /* instance, incarnation, cumulative, base, interval us, cap us, unsure cumulative, its age
+     * in us, age of the newest tokens in us, linger ms */
+    redisReply *rep = cmd(c, "EVAL %s 1 %s inst-a 1 5 0 1000000 100000000 0 0 0 60000", script, key);
     assert_int_equal(rep->type, REDIS_REPLY_INTEGER);
     long long ahead1 = rep->integer;
     assert_true(ahead1 > 4000000 && ahead1 <= 5000000);
     freeReplyObject(rep);
     long long tat1 = hash_field(c, key, "tat");
-    rep = cmd(c, "EVAL %s 1 %s inst-a 1 5 0 1000000 100000000 60000", script, key);
+    rep = cmd(c, "EVAL %s 1 %s inst-a 1 5 0 1000000 100000000 0 0 0 60000", script, key);
     freeReplyObject(rep);
     assert_int_equal(hash_field(c, key, "tat"), tat1);
     assert_int_equal(hash_field(c, key, "inst-a"), 5);
     /* Growth adds only the difference. */
-    rep = cmd(c, "EVAL %s 1 %s inst-a 1 7 5 1000000 100000000 60000", script, key);
+    rep = cmd(c, "EVAL %s 1 %s inst-a 1 7 5 1000000 100000000 0 0 0 60000", script, key);
     freeReplyObject(rep);
     assert_int_equal(hash_field(c, key, "tat"), tat1 + 2000000);
     /* A new incarnation starts from its own base, not from the old field. */
-    rep = cmd(c, "EVAL %s 1 %s inst-a 2 1 0 1000000 100000000 60000", script, key);
+    rep = cmd(c, "EVAL %s 1 %s inst-a 2 1 0 1000000 100000000 0 0 0 60000", script, key);
     freeReplyObject(rep);
     assert_int_equal(hash_field(c, key, "tat"), tat1 + 3000000);
     /* Key expired or Redis emptied: the base (acknowledged amount) is not sent again. */
     freeReplyObject(cmd(c, "DEL %s", key));
-    rep = cmd(c, "EVAL %s 1 %s inst-a 2 4 1 1000000 100000000 60000", script, key);
+    rep = cmd(c, "EVAL %s 1 %s inst-a 2 4 1 1000000 100000000 0 0 0 60000", script, key);
     assert_true(rep->integer > 2000000 && rep->integer <= 3000000);
     freeReplyObject(rep);
     /* Never-refilling buckets count. */
-    rep = cmd(c, "EVAL %s 1 bwtest:rate-limit:q:k inst-b 1 3 0 0 0 60000", script);
+    rep = cmd(c, "EVAL %s 1 bwtest:rate-limit:q:k inst-b 1 3 0 0 0 0 0 0 60000", script);
     assert_int_equal(rep->integer, 3);
     freeReplyObject(rep);
-    rep = cmd(c, "EVAL %s 1 bwtest:rate-limit:q:k inst-b 1 3 0 0 0 60000", script);
+    rep = cmd(c, "EVAL %s 1 bwtest:rate-limit:q:k inst-b 1 3 0 0 0 0 0 0 60000", script);
     assert_int_equal(rep->integer, 3);
+    freeReplyObject(rep);
+    /* ... and never expire: "never refills" holds however long the key stays idle. */
+    rep = cmd(c, "PTTL bwtest:rate-limit:q:k");
+    assert_int_equal(rep->integer, -1);
+    freeReplyObject(rep);
+
+    /* A flush that landed, whose reply was lost, and whose key then expired: sent again (base 0,
+     * those 5 tokens "unsure" since 20 s, longer than they take to refill), it adds nothing. */
+    const char *lost = "bwtest:rate-limit:p:lost";
+    rep = cmd(c, "EVAL %s 1 %s inst-a 3 5 0 1000000 100000000 0 0 0 60000", script, lost);
+    assert_true(rep->integer > 4000000);
+    freeReplyObject(rep);
+    freeReplyObject(cmd(c, "DEL %s", lost));
+    rep = cmd(c, "EVAL %s 1 %s inst-a 3 5 0 1000000 100000000 5 20000000 20000000 60000", script,
+              lost);
+    assert_int_equal(rep->type, REDIS_REPLY_INTEGER);
+    assert_int_equal(rep->integer, 0);
+    freeReplyObject(rep);
+    /* The same with 2 newer tokens on top: only those are charged, as of now. */
+    rep = cmd(c, "EVAL %s 1 %s inst-a 3 7 0 1000000 100000000 5 20000000 0 60000", script, lost);
+    assert_true(rep->integer > 1000000 && rep->integer <= 2000000);
+    freeReplyObject(rep);
+
+    /* Something that is not a hash under our key: -1 for that key, the others are settled. */
+    freeReplyObject(cmd(c, "SET bwtest:rate-limit:p:str hello"));
+    rep = cmd(c,
+              "EVAL %s 2 bwtest:rate-limit:p:str bwtest:rate-limit:p:ok inst-a "
+              "1 1 0 1000000 100000000 0 0 0 1 1 0 1000000 100000000 0 0 0 60000",
+              script);
+    assert_int_equal(rep->type, REDIS_REPLY_ARRAY);
+    assert_int_equal(rep->elements, 2);
+    assert_int_equal(rep->element[0]->integer, -1);
+    assert_true(rep->element[1]->integer > 0);
     freeReplyObject(rep);
     redisFree(c);
     server_cleanup(&s);
