@@ -5,6 +5,7 @@
  * comparison itself. src/admin.c does the I/O around them.
  */
 #include "breakwater/admin.h"
+#include "breakwater/path.h"
 
 #include <string.h>
 #include <strings.h>
@@ -132,35 +133,7 @@ bool bw_admin_token_matches(const char *token, const char *authorization)
     return diff == 0;
 }
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 int bw_admin_unescape(const char *in, size_t len, char *out, size_t cap)
 {
-    size_t o = 0;
-    for (size_t i = 0; i < len; i++) {
-        char c = in[i];
-        if (c == '%') {
-            if (i + 2 >= len)
-                return -1;
-            int h = hexval(in[i + 1]), l = hexval(in[i + 2]);
-            if (h < 0 || l < 0)
-                return -1;
-            c = (char)(h * 16 + l);
-            i += 2;
-        }
-        if (c == '\0' || o + 1 >= cap)
-            return -1;
-        out[o++] = c;
-    }
-    out[o] = '\0';
-    return (int)o;
+    return bw_percent_decode(in, len, out, cap);
 }

@@ -13,7 +13,7 @@
 #include <stdbool.h>
 #include <string.h>
 
-static int hex_value(char c)
+int bw_hex_digit(char c)
 {
     if (c >= '0' && c <= '9')
         return c - '0';
@@ -45,7 +45,7 @@ static bw_path_status decode_escapes(const char *in, size_t in_len, char *out, s
         }
         if (i + 2 >= in_len)
             return BW_PATH_BAD_ESCAPE;
-        int hi = hex_value(in[i + 1]), lo = hex_value(in[i + 2]);
+        int hi = bw_hex_digit(in[i + 1]), lo = bw_hex_digit(in[i + 2]);
         if (hi < 0 || lo < 0)
             return BW_PATH_BAD_ESCAPE;
         unsigned char v = (unsigned char)(hi * 16 + lo);
@@ -159,4 +159,28 @@ size_t bw_host_normalize(const char *in, size_t in_len, char *out, size_t out_ca
         out[i] = (c >= 'A' && c <= 'Z') ? (char)(c - 'A' + 'a') : c;
     }
     return end;
+}
+
+int bw_percent_decode(const char *in, size_t len, char *out, size_t cap)
+{
+    size_t o = 0;
+    for (size_t i = 0; i < len; i++) {
+        char c = in[i];
+        if (c == '%') {
+            if (i + 2 >= len)
+                return -1;
+            int h = bw_hex_digit(in[i + 1]), l = bw_hex_digit(in[i + 2]);
+            if (h < 0 || l < 0)
+                return -1;
+            c = (char)(h * 16 + l);
+            i += 2;
+        }
+        if (c == '\0' || o + 1 >= cap)
+            return -1;
+        out[o++] = c;
+    }
+    if (cap == 0)
+        return -1;
+    out[o] = '\0';
+    return (int)o;
 }

@@ -32,6 +32,8 @@
  */
 #include "breakwater/redis_sync.h"
 
+#include "breakwater/path.h"
+
 #include <arpa/inet.h>
 #include <errno.h>
 #include <event2/event.h>
@@ -441,39 +443,6 @@ static void copy_str(char *dst, size_t len, const char *src)
 /* ---------------------------------------------------------------------------------------- */
 /* URL                                                                                       */
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
-/* Decodes %XX escapes of src[0..len) into dst (NUL-terminated). -1 when malformed or long. */
-static int percent_decode(const char *src, size_t len, char *dst, size_t cap)
-{
-    size_t o = 0;
-    for (size_t i = 0; i < len; i++) {
-        char c = src[i];
-        if (c == '%') {
-            if (i + 2 >= len)
-                return -1;
-            int h = hexval(src[i + 1]), l = hexval(src[i + 2]);
-            if (h < 0 || l < 0)
-                return -1;
-            c = (char)(h * 16 + l);
-            i += 2;
-        }
-        if (o + 1 >= cap)
-            return -1;
-        dst[o++] = c;
-    }
-    dst[o] = '\0';
-    return 0;
-}
 
 static int parse_uint(const char *s, size_t len, long max, long *out)
 {
@@ -522,7 +491,7 @@ int bw_redis_url_parse(const char *url, bw_redis_target *out, char *err, size_t 
             snprintf(err, errlen, "credentials must be written :password@");
             return -1;
         }
-        if (percent_decode(p + 1, (size_t)(at - p - 1), out->password, sizeof(out->password)) < 0) {
+        if (bw_percent_decode(p + 1, (size_t)(at - p - 1), out->password, sizeof(out->password)) < 0) {
             snprintf(err, errlen, "the password is malformed or too long");
             return -1;
         }

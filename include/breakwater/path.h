@@ -12,6 +12,7 @@
 #ifndef BREAKWATER_PATH_H
 #define BREAKWATER_PATH_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 typedef enum bw_path_status {
@@ -48,5 +49,15 @@ const char *bw_path_status_text(bw_path_status s);
  * fit (then nothing matches it).
  */
 size_t bw_host_normalize(const char *in, size_t in_len, char *out, size_t out_cap);
+
+/* The value of a hexadecimal digit, or -1. */
+int bw_hex_digit(char c);
+
+/*
+ * Decodes every %XX escape of in[0..len) into out, NUL-terminated (for names that arrive
+ * escaped: a rate-limit key in an admin URL, a Redis password in redis.url). Returns the decoded
+ * length, or -1 for a malformed escape, an escaped NUL, or a result that does not fit in cap.
+ */
+int bw_percent_decode(const char *in, size_t len, char *out, size_t cap);
 
 #endif

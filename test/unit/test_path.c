@@ -132,6 +132,27 @@ static void test_hosts(void **state)
     assert_int_equal(bw_host_normalize("abcd", 4, tiny, sizeof(tiny)), 0);
 }
 
+static void test_percent_decode(void **state)
+{
+    (void)state;
+    char out[16];
+    assert_int_equal(bw_percent_decode("a%20b%2Fc", 9, out, sizeof(out)), 5);
+    assert_string_equal(out, "a b/c");
+    assert_int_equal(bw_percent_decode("%7e%7E", 6, out, sizeof(out)), 2);
+    assert_string_equal(out, "~~");
+    assert_int_equal(bw_percent_decode("", 0, out, sizeof(out)), 0);
+    assert_string_equal(out, "");
+    assert_int_equal(bw_percent_decode("%", 1, out, sizeof(out)), -1);
+    assert_int_equal(bw_percent_decode("%4", 2, out, sizeof(out)), -1);
+    assert_int_equal(bw_percent_decode("%zz", 3, out, sizeof(out)), -1);
+    assert_int_equal(bw_percent_decode("a%00", 4, out, sizeof(out)), -1);
+    assert_int_equal(bw_percent_decode("abcd", 4, out, 4), -1); /* no room for the NUL */
+    assert_int_equal(bw_percent_decode("abc", 3, out, 4), 3);
+    assert_int_equal(bw_percent_decode("a", 1, out, 0), -1);
+    assert_int_equal(bw_hex_digit('f'), 15);
+    assert_int_equal(bw_hex_digit('G'), -1);
+}
+
 static int contains(const char *p, size_t n, const char *needle)
 {
     size_t k = strlen(needle);
@@ -190,6 +211,7 @@ int main(void)
         cmocka_unit_test(test_login_bypasses), cmocka_unit_test(test_segments),
         cmocka_unit_test(test_escapes),        cmocka_unit_test(test_refusals),
         cmocka_unit_test(test_hosts),          cmocka_unit_test(test_random_property),
+        cmocka_unit_test(test_percent_decode),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
