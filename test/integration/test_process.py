@@ -226,6 +226,9 @@ def probe_listener(port, timeout=3.0 * SLOW):
         s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     except ConnectionRefusedError:
         return "refused"
+    except ConnectionResetError:
+        # The handshake was under way when the listener closed: the kernel resets it.
+        return "closed"
     except socket.timeout:
         return "hang"
     try:
