@@ -7,7 +7,7 @@ set -euo pipefail
 build_pkgs=(gcc meson ninja-build pkg-config libevent-dev libssl-dev libcjson-dev
             libhiredis-dev libevhtp-dev libonig-dev python3 curl ca-certificates)
 test_pkgs=(libcmocka-dev python3-pytest python3-redis python3-yaml redis-server redis-sentinel
-           openssl prometheus chromium clang libclang-rt-dev util-linux faketime)
+           openssl prometheus chromium clang clang-format libclang-rt-dev util-linux faketime)
 
 want=("${build_pkgs[@]}")
 [ "${1:-build}" = test ] && want+=("${test_pkgs[@]}")

@@ -2,7 +2,8 @@
 # Installs what the tests need, then builds and runs the whole suite twice: in a normal build
 # and in an AddressSanitizer + UndefinedBehaviorSanitizer build. Unit and fuzz-replay tests run
 # under meson (cmocka), integration tests under pytest against real processes. Last, the libFuzzer
-# targets are built with clang and each runs for FUZZ_TIME seconds (default 20).
+# targets are built with clang and each runs for FUZZ_TIME seconds (default 20), and every C file
+# is checked against .clang-format.
 #
 #   scripts/test.sh                 everything
 #   scripts/test.sh -k reload       pass extra arguments to pytest
@@ -87,6 +88,11 @@ if [ -z "${BW_SKIP_ASAN:-}" ]; then
         status=1
     fi
 fi
+
+# Formatting: every C file as .clang-format says (a dry run; the step fails on any drift).
+# Fix with: clang-format -i $(find src include test -name '*.[ch]')
+record_step clang-format sh -c "find src include test -name '*.[ch]' -print0 |
+    xargs -0 clang-format --dry-run --Werror"
 
 if [ -z "${BW_SKIP_FUZZ:-}" ]; then
     # The fuzzers keep compiling with clang, and each runs briefly from its seed corpus.

@@ -1473,10 +1473,8 @@ static void parse_tls_cert(vctx *c, const cJSON *obj, const char *p, bw_tls_cert
 static void parse_listener(vctx *c, const cJSON *item, const char *p, bw_listener_conf *l)
 {
     static const char *const fields[] = {"address", "tls", NULL};
-    static const char *const tls_fields[] = {"cert",           "key",
-                                             "ocsp",           "certificates",
-                                             "reload_check_ms", "ticket_rotate_ms",
-                                             NULL};
+    static const char *const tls_fields[] = {
+        "cert", "key", "ocsp", "certificates", "reload_check_ms", "ticket_rotate_ms", NULL};
     static const char *const cert_fields[] = {"cert", "key", "ocsp", NULL};
     char ap[PATH_LEN], tp[PATH_LEN], why[256], got[96];
 
@@ -1517,8 +1515,7 @@ static void parse_listener(vctx *c, const cJSON *item, const char *p, bw_listene
             return;
         }
         if (!cJSON_IsArray(list)) {
-            verr(c, ap,
-                 "must be an array of {\"cert\": PATH, \"key\": PATH} objects, got %s",
+            verr(c, ap, "must be an array of {\"cert\": PATH, \"key\": PATH} objects, got %s",
                  describe(list, got, sizeof got));
             return;
         }
@@ -1812,10 +1809,14 @@ static void parse_outlier(vctx *c, const cJSON *ub, const char *up, bw_outlier_c
 
 static void parse_health_check(vctx *c, const cJSON *ub, const char *up, bw_health_check_conf *h)
 {
-    static const char *const fields[] = {"path",          "host",
-                                         "interval_ms",   "timeout_ms",
-                                         "healthy_threshold", "unhealthy_threshold",
-                                         "expect_status", NULL};
+    static const char *const fields[] = {"path",
+                                         "host",
+                                         "interval_ms",
+                                         "timeout_ms",
+                                         "healthy_threshold",
+                                         "unhealthy_threshold",
+                                         "expect_status",
+                                         NULL};
     char p[PATH_LEN], sp[PATH_LEN], got[96];
     memset(h, 0, sizeof(*h));
     h->interval_ms = 5000;
@@ -1856,7 +1857,8 @@ static void parse_health_check(vctx *c, const cJSON *ub, const char *up, bw_heal
                   hi->valuedouble == floor(hi->valuedouble) && lo->valuedouble >= 100 &&
                   hi->valuedouble <= 599 && lo->valuedouble <= hi->valuedouble;
         if (!ok) {
-            verr(c, sp, "must be an inclusive range [LOW, HIGH] of HTTP statuses (100..599), got %s",
+            verr(c, sp,
+                 "must be an inclusive range [LOW, HIGH] of HTTP statuses (100..599), got %s",
                  describe(es, got, sizeof got));
         } else {
             h->expect_min = (uint16_t)lo->valuedouble;
@@ -1963,8 +1965,8 @@ static void parse_upstream(vctx *c, const cJSON *u, const char *up, bw_upstream_
     path_key(sp, sizeof sp, up, "servers");
     size_t n;
     if (required_collection(c, u, up, "servers", sp, false, "list at least one \"host:port\"",
-                            "an array of \"host:port\" strings",
-                            "must contain at least one server", &n) == NULL)
+                            "an array of \"host:port\" strings", "must contain at least one server",
+                            &n) == NULL)
         return;
     if (n > BW_CONFIG_MAX_SERVERS) {
         verr(c, sp, "at most %d servers are allowed, got %zu", BW_CONFIG_MAX_SERVERS, n);
@@ -2239,9 +2241,9 @@ static bool route_shadows(const bw_route_conf *a, const bw_route_conf *b)
 
 static void parse_route(vctx *c, const cJSON *o, const char *rp, bw_config *cfg, bw_route_conf *r)
 {
-    static const char *const fields[] = {"host",           "path_prefix", "name",
-                                         "upstream",       "rate_limit",  "case_sensitive",
-                                         "request_buffering", NULL};
+    static const char *const fields[] = {
+        "host",           "path_prefix",       "name", "upstream", "rate_limit",
+        "case_sensitive", "request_buffering", NULL};
     char fp[PATH_LEN], known[512];
     const char *names[64];
 
@@ -2605,14 +2607,9 @@ static void parse_log(vctx *c, const cJSON *root, bw_config *cfg)
 
 static void parse_limits(vctx *c, const cJSON *root, bw_config *cfg)
 {
-    static const char *const fields[] = {"max_header_bytes",
-                                         "max_headers",
-                                         "max_body_bytes",
-                                         "header_timeout_ms",
-                                         "client_idle_timeout_ms",
-                                         "max_connections",
-                                         "request_buffer_bytes",
-                                         NULL};
+    static const char *const fields[] = {
+        "max_header_bytes",       "max_headers",     "max_body_bytes",       "header_timeout_ms",
+        "client_idle_timeout_ms", "max_connections", "request_buffer_bytes", NULL};
     bw_limits_conf *l = &cfg->limits;
     const cJSON *o = get_object(c, root, "", "limits", false);
     if (o == NULL)

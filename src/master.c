@@ -53,9 +53,9 @@
 typedef struct bw_generation {
     int id;
     bw_config *cfg;
-    int *fds;      /* per listener; owned by the master's socket table */
-    SSL_CTX **tls; /* per listener */
-    pid_t *pids;   /* per worker slot, 0 when not running */
+    int *fds;       /* per listener; owned by the master's socket table */
+    SSL_CTX **tls;  /* per listener */
+    pid_t *pids;    /* per worker slot, 0 when not running */
     int *shm_slots; /* per worker slot: its counters in the shared region */
     int64_t *started_ms;
     uint32_t n_workers;
@@ -96,8 +96,8 @@ typedef struct bw_master {
     struct event *ready_timer; /* polls until the current generation accepts, then READY=1 */
     struct event *tls_timer;   /* certificate files on disk, ticket key ratchet */
     uint64_t tls_seen;         /* files stamp last loaded or last tried */
-    bw_health *health;     /* breaker ticks and active checks */
-    bw_resolver *resolver; /* DNS names of upstream servers; NULL when there is none */
+    bw_health *health;         /* breaker ticks and active checks */
+    bw_resolver *resolver;     /* DNS names of upstream servers; NULL when there is none */
 } bw_master;
 
 static int64_t mono_ms(void)
@@ -392,8 +392,8 @@ static void reap(bw_master *m)
                 }
                 m->worker_restarts++;
                 bool fast = mono_ms() - cur->started_ms[i] < RESPAWN_FAST_DEATH_MS;
-                bw_log_error(&m->log, "worker %u (pid %d) died: %s; respawning%s", i + 1,
-                             (int)pid, how, fast ? " in 500 ms (it died right after start)" : "");
+                bw_log_error(&m->log, "worker %u (pid %d) died: %s; respawning%s", i + 1, (int)pid,
+                             how, fast ? " in 500 ms (it died right after start)" : "");
                 if (fast)
                     need_delay = true;
                 else
@@ -411,8 +411,8 @@ static void reap(bw_master *m)
                     g->alive--;
                     if (g->shm_slots[i] >= 0)
                         bw_shm_worker_release(&m->shm, g->shm_slots[i]);
-                    bw_log_info(&m->log, "old worker (generation %d, pid %d) %s", g->id,
-                                (int)pid, how);
+                    bw_log_info(&m->log, "old worker (generation %d, pid %d) %s", g->id, (int)pid,
+                                how);
                 }
             }
             if (found && g->alive == 0) {
@@ -688,8 +688,7 @@ static void reload(bw_master *m, const char *why)
     /* The log destinations may have changed too. */
     bw_log_level lvl = g->cfg->log.level;
     m->log.level = lvl;
-    bw_log_info(&m->log, "configuration reloaded (generation %d, %u workers)", g->id,
-                g->n_workers);
+    bw_log_info(&m->log, "configuration reloaded (generation %d, %u workers)", g->id, g->n_workers);
     await_ready(m);
 }
 
@@ -836,7 +835,8 @@ int bw_master_run(const char *config_path, bw_config *cfg)
         goto out;
     }
     bw_log_info(&m.log, "shared memory region: %zu bytes (rate-limit table: %u entries, %zu bytes)",
-                m.shm.size, m.shm.hdr->rl_entries, bw_ratelimit_table_size_bytes(m.shm.hdr->rl_entries));
+                m.shm.size, m.shm.hdr->rl_entries,
+                bw_ratelimit_table_size_bytes(m.shm.hdr->rl_entries));
     bw_diag diag;
     bw_diag_init(&diag);
     m.current = generation_new(&m, cfg, &diag);

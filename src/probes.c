@@ -119,8 +119,7 @@ int bw_probes_readyz(const bw_shm *shm, const bw_config *cfg, bool draining, uin
     char ts[96];
     bw_probes_iso8601(bw_probes_wall_ms(), ts, sizeof(ts));
     evbuffer_add_printf(out, "{\"ready\":%s,\"status\":\"%s\",\"timestamp\":\"%s\",%s\"checks\":[",
-                        ready ? "true" : "false", status, ts,
-                        draining ? "\"draining\":true," : "");
+                        ready ? "true" : "false", status, ts, draining ? "\"draining\":true," : "");
     evbuffer_add_buffer(out, checks);
     evbuffer_add_printf(out, "]}\n");
     evbuffer_free(checks);
@@ -236,8 +235,8 @@ static void dns_json(const bw_shm *shm, const bw_upstream_conf *u, struct evbuff
     evbuffer_add_printf(out,
                         ",\"dns\":{\"resolve_interval_ms\":%u,\"resolved_at\":%s,\"errors\":%llu,"
                         "\"last_error\":%s}",
-                        u->resolve_interval_ms, ok,
-                        (unsigned long long)atomic_load(&g->dns_errors), err);
+                        u->resolve_interval_ms, ok, (unsigned long long)atomic_load(&g->dns_errors),
+                        err);
 }
 
 void bw_probes_upstream_json(const bw_shm *shm, const bw_upstream_conf *u, uint64_t now_ms,

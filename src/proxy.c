@@ -85,7 +85,6 @@ typedef enum up_failure {
     UF_INVALID,         /* the response was not valid HTTP/1.x */
 } up_failure;
 
-
 typedef struct bw_exchange {
     struct bw_session *s;
     const bw_route_conf *route;
@@ -94,11 +93,11 @@ typedef struct bw_exchange {
     bw_body_framing req_framing;
     uint64_t req_left;
     bw_chunked req_chunk;
-    bool req_done;     /* the whole request body has been read from the client */
-    bool buffering;    /* reading a small body whole before an upstream is taken */
-    bool req_started;  /* body bytes have been forwarded */
-    uint64_t bytes_in; /* request body bytes read from the client */
-    uint64_t req_decoded; /* decoded bytes of a chunked request body (for max_body_bytes) */
+    bool req_done;           /* the whole request body has been read from the client */
+    bool buffering;          /* reading a small body whole before an upstream is taken */
+    bool req_started;        /* body bytes have been forwarded */
+    uint64_t bytes_in;       /* request body bytes read from the client */
+    uint64_t req_decoded;    /* decoded bytes of a chunked request body (for max_body_bytes) */
     struct evbuffer *replay; /* head + body sent so far, while it fits in BW_REPLAY_MAX;
                               * the session's buffer, NULL once the request outgrew it */
     bool replayable;
@@ -108,8 +107,8 @@ typedef struct bw_exchange {
     bw_server *server;
     int attempts;
     bool fresh_retry_used;
-    size_t out_added; /* bytes queued on the current upstream connection */
-    bool up_paused;   /* upstream reading stopped for client backpressure */
+    size_t out_added;   /* bytes queued on the current upstream connection */
+    bool up_paused;     /* upstream reading stopped for client backpressure */
     bool client_paused; /* client reading stopped for upstream backpressure */
     /* response */
     resp_state rstate;
@@ -133,9 +132,9 @@ typedef struct bw_exchange {
     size_t reqid_len;
     const char *error;
     /* admission and outcome */
-    bool quiet;             /* a probe: neither logged nor counted */
-    bool ticketed;          /* the breaker admitted it: an outcome is owed */
-    bool failed;            /* the upstream exchange ended in failure (final) */
+    bool quiet;    /* a probe: neither logged nor counted */
+    bool ticketed; /* the breaker admitted it: an outcome is owed */
+    bool failed;   /* the upstream exchange ended in failure (final) */
     up_failure failure;
     bw_breaker_ticket ticket;
     char extra[192]; /* RateLimit-* and Retry-After lines added to the response head */
@@ -165,7 +164,7 @@ typedef struct bw_session {
     bool close_after;
     bool clean_close; /* the last response was complete: a TLS close_notify may be sent */
     bool output_held; /* the next request waits until the client reads what is queued */
-    char *head; /* copy of the current request head; the parsed head points into it */
+    char *head;       /* copy of the current request head; the parsed head points into it */
     struct evbuffer *replay_buf; /* lent to each exchange as ex->replay, drained in between */
     size_t head_cap;
     bw_exchange ex;
@@ -257,20 +256,34 @@ static void out_idle(struct bufferevent *bev)
 static const char *error_reason(int status)
 {
     switch (status) {
-    case 400: return "bad request";
-    case 404: return "no route";
-    case 405: return "method not allowed";
-    case 408: return "request timeout";
-    case 413: return "payload too large";
-    case 417: return "expectation failed";
-    case 429: return "rate limited";
-    case 431: return "request header fields too large";
-    case 500: return "internal error";
-    case 502: return "bad gateway";
-    case 503: return "circuit open";
-    case 504: return "gateway timeout";
-    case 505: return "http version not supported";
-    default: return bw_http_reason(status);
+    case 400:
+        return "bad request";
+    case 404:
+        return "no route";
+    case 405:
+        return "method not allowed";
+    case 408:
+        return "request timeout";
+    case 413:
+        return "payload too large";
+    case 417:
+        return "expectation failed";
+    case 429:
+        return "rate limited";
+    case 431:
+        return "request header fields too large";
+    case 500:
+        return "internal error";
+    case 502:
+        return "bad gateway";
+    case 503:
+        return "circuit open";
+    case 504:
+        return "gateway timeout";
+    case 505:
+        return "http version not supported";
+    default:
+        return bw_http_reason(status);
     }
 }
 
@@ -419,12 +432,12 @@ static void send_local(bw_session *s, int status, const char *body, const char *
         s->close_after = true;
     size_t blen = strlen(body);
     bool head_only = s->req.method == BW_METHOD_HEAD && s->req.method_str;
-    int n = evbuffer_add_printf(out,
-                                "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
-                                "%.*s%s\r\n",
-                                status, bw_http_reason(status), content_type, blen,
-                                (int)ex->extra_len, ex->extra,
-                                s->close_after ? "Connection: close\r\n" : "");
+    int n =
+        evbuffer_add_printf(out,
+                            "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+                            "%.*s%s\r\n",
+                            status, bw_http_reason(status), content_type, blen, (int)ex->extra_len,
+                            ex->extra, s->close_after ? "Connection: close\r\n" : "");
     if (n > 0)
         ex->bytes_out += (uint64_t)n;
     if (!head_only) {
@@ -614,8 +627,7 @@ static void session_free(bw_session *s)
         s->next->prev = s->prev;
     w->n_sessions--;
     if (BW_INSTRUMENTED)
-        bw_metrics_connection(w->shm, w->worker_slot, w->cfg->listeners[s->listener].shm_slot,
-                              -1);
+        bw_metrics_connection(w->shm, w->worker_slot, w->cfg->listeners[s->listener].shm_slot, -1);
     if (s->tls && s->clean_close && s->bev) {
         /* Tell the client the close is deliberate: without close_notify, TLS clients report an
          * unexpected EOF. Best effort, non-blocking; the output buffer is already empty. */
@@ -829,8 +841,8 @@ static bool valid_request_id(const char *v, size_t n)
 static bool is_hop_by_hop(const char *name, size_t len)
 {
     static const char *const hop[] = {
-        "connection", "keep-alive", "proxy-connection", "te",     "trailer",
-        "transfer-encoding", "upgrade", "content-length", "expect",
+        "connection",        "keep-alive", "proxy-connection", "te",     "trailer",
+        "transfer-encoding", "upgrade",    "content-length",   "expect",
     };
     for (size_t i = 0; i < sizeof(hop) / sizeof(hop[0]); i++)
         if (bw_http_name_eq(name, len, hop[i]))
@@ -1235,8 +1247,8 @@ static void dispatch_request(bw_session *s)
 
     ex->req_framing = h->framing;
     ex->req_left = h->framing == BW_BODY_LENGTH ? h->content_length : 0;
-    ex->req_done = h->framing == BW_BODY_NONE ||
-                   (h->framing == BW_BODY_LENGTH && h->content_length == 0);
+    ex->req_done =
+        h->framing == BW_BODY_NONE || (h->framing == BW_BODY_LENGTH && h->content_length == 0);
     if (h->framing == BW_BODY_CHUNKED)
         bw_chunked_init(&ex->req_chunk);
     if (h->conn_close)
@@ -1452,8 +1464,8 @@ static void session_try_head(bw_session *s)
     memcpy(s->head, p, head_len);
     evbuffer_drain(in, head_len);
 
-    bw_http_status st = bw_http_parse_request(s->head, head_len, w->cfg->limits.max_headers,
-                                              &s->req);
+    bw_http_status st =
+        bw_http_parse_request(s->head, head_len, w->cfg->limits.max_headers, &s->req);
     if (st != BW_HTTP_OK) {
         bw_log_debug(w->log, "client %s: refused request: %s", s->peer,
                      s->req.error ? s->req.error : "invalid");
@@ -1710,8 +1722,7 @@ typedef enum retry_kind {
 } retry_kind;
 
 /* Decides whether a failed attempt may be repeated, per the rules at the top of the file. */
-static retry_kind may_retry(bw_exchange *ex, up_failure why, bool nothing_written,
-                            bool was_reused)
+static retry_kind may_retry(bw_exchange *ex, up_failure why, bool nothing_written, bool was_reused)
 {
     if (ex->resp_started || !ex->replayable || !ex->replay)
         return RETRY_NONE;
@@ -1732,11 +1743,16 @@ static retry_kind may_retry(bw_exchange *ex, up_failure why, bool nothing_writte
 static const char *failure_name(up_failure why)
 {
     switch (why) {
-    case UF_CONNECT: return "connect";
-    case UF_CONNECT_TIMEOUT: return "connect timeout";
-    case UF_RESET: return "reset";
-    case UF_TIMEOUT: return "timeout";
-    case UF_INVALID: return "invalid response";
+    case UF_CONNECT:
+        return "connect";
+    case UF_CONNECT_TIMEOUT:
+        return "connect timeout";
+    case UF_RESET:
+        return "reset";
+    case UF_TIMEOUT:
+        return "timeout";
+    case UF_INVALID:
+        return "invalid response";
     }
     return "?";
 }
@@ -2006,12 +2022,11 @@ static void read_response_head(bw_exchange *ex)
         /* The parsed head only lives until the client's head is written, within this call:
          * one scratch struct per worker serves every response. */
         bw_http_head *r = s->w->resp_head;
-        bw_http_status st = bw_http_parse_response(p, head_len, BW_HTTP_MAX_HEADERS_HARD,
-                                                   s->req.method, r);
+        bw_http_status st =
+            bw_http_parse_response(p, head_len, BW_HTTP_MAX_HEADERS_HARD, s->req.method, r);
         if (st != BW_HTTP_OK) {
             bw_log_warn(s->w->log, "upstream %s: server %s: invalid response head: %s",
-                        ex->pool->conf->name, ex->server->conf->address,
-                        r->error ? r->error : "?");
+                        ex->pool->conf->name, ex->server->conf->address, r->error ? r->error : "?");
             upstream_failed(ex, UF_INVALID);
             return;
         }

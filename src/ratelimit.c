@@ -79,9 +79,9 @@ struct bw_ratelimit_table {
     uint32_t probe;
     _Atomic uint64_t evictions;
     _Atomic uint64_t reclaims;
-    uint64_t fleet_off;           /* bytes from the table to its fleet area; 0 = none */
-    _Atomic uint64_t fleet_share; /* > 1: Redis is down, limit each key to 1/share of it */
-    _Atomic uint64_t fleet_lost;  /* unsent tokens of busy keys forced out of the table */
+    uint64_t fleet_off;              /* bytes from the table to its fleet area; 0 = none */
+    _Atomic uint64_t fleet_share;    /* > 1: Redis is down, limit each key to 1/share of it */
+    _Atomic uint64_t fleet_lost;     /* unsent tokens of busy keys forced out of the table */
     _Atomic uint64_t owed_evictions; /* such evictions, counted apart from idle reclaims */
     bw_rl_slot slots[];
 };

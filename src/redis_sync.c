@@ -103,7 +103,7 @@ typedef enum cmd_kind {
     CMD_HEARTBEAT,
     CMD_LIVE,
     CMD_RL,
-    CMD_OPERATOR, /* force-open and rate-limit refills: the reply says nothing we need */
+    CMD_OPERATOR,   /* force-open and rate-limit refills: the reply says nothing we need */
     CMD_EPOCH_SET,  /* SET {prefix}:epoch NX: creates the epoch after a data loss */
     CMD_EPOCH_HEAD, /* GET of the epoch before the round's breaker reads */
     CMD_EPOCH_TAIL, /* GET of the epoch after them: confirms what they saw */
@@ -125,11 +125,11 @@ typedef struct br_rec {
     bool forced_seen;    /* the record carried forced_at_ms when last read */
     uint64_t applied_at; /* stamp of the newest record written or applied */
     char applied_by[ID_MAX];
-    bool del_seen;   /* this round read no record where one was known: a reset, once the
-                      * round's closing epoch read confirms Redis kept its data */
-    bool republish;  /* Redis lost its data: write the last known record back as it was */
-    int8_t in_index; /* the index field read this round: a bw_breaker_state, or -1 */
-    uint8_t bad;     /* consecutive error replies or malformed records for this upstream */
+    bool del_seen;         /* this round read no record where one was known: a reset, once the
+                            * round's closing epoch read confirms Redis kept its data */
+    bool republish;        /* Redis lost its data: write the last known record back as it was */
+    int8_t in_index;       /* the index field read this round: a bw_breaker_state, or -1 */
+    uint8_t bad;           /* consecutive error replies or malformed records for this upstream */
     uint64_t bad_until_ms; /* monotonic: not asked again before (backoff after bad replies) */
 } br_rec;
 
@@ -139,9 +139,9 @@ typedef struct rl_rec {
     uint64_t inc; /* incarnation: a fresh record never reuses a field value of an older one */
     uint64_t cum; /* tokens collected from shared memory, in total */
     uint64_t acked;
-    uint64_t sent;      /* largest cumulative sent; above acked: those tokens' fate is unknown */
-    uint64_t sent_ms;   /* monotonic ms of the first send of that unknown amount */
-    uint64_t active_ms; /* monotonic ms of the last tokens collected here */
+    uint64_t sent;         /* largest cumulative sent; above acked: those tokens' fate is unknown */
+    uint64_t sent_ms;      /* monotonic ms of the first send of that unknown amount */
+    uint64_t active_ms;    /* monotonic ms of the last tokens collected here */
     uint64_t bad_until_ms; /* monotonic: the key held something else; not sent before */
     uint8_t bad;           /* consecutive such answers */
     uint32_t policy_id;
@@ -302,7 +302,8 @@ static const char rl_script[] =
     "        if v > tat then tat = v end\n"
     "      end\n"
     "      if delta > 0 and tat > old then\n"
-    "        redis.call('HSET', key, 'tat', string.format('%.0f', tat), me, inc .. ':' .. ARGV[b + 2])\n"
+    "        redis.call('HSET', key, 'tat', string.format('%.0f', tat), me, inc .. ':' .. ARGV[b + "
+    "2])\n"
     "      elseif delta > 0 then\n"
     "        redis.call('HSET', key, me, inc .. ':' .. ARGV[b + 2])\n"
     "      end\n"
@@ -328,14 +329,14 @@ static const char rl_script[] =
 /* Answers the fields of a breaker record this code reads, as HGETALL would but never more than
  * those eight fields of at most 128 bytes each: whatever else is stored under the key, the reply
  * stays small (hiredis 0.14 buffers a reply of any size). */
-#define BR_RETURN                                                                              \
-    "local names = {'state', 'failures', 'opened_at_ms', 'updated_by', 'updated_at_ms',\n"     \
-    "               'backoff_level', 'jitter_permille', 'forced_at_ms'}\n"                     \
-    "local v = redis.call('HMGET', KEYS[1], unpack(names))\n"                                 \
-    "local out = {}\n"                                                                         \
-    "for i, n in ipairs(names) do\n"                                                           \
-    "  if v[i] then out[#out + 1] = n; out[#out + 1] = string.sub(v[i], 1, 128) end\n"         \
-    "end\n"                                                                                    \
+#define BR_RETURN                                                                                  \
+    "local names = {'state', 'failures', 'opened_at_ms', 'updated_by', 'updated_at_ms',\n"         \
+    "               'backoff_level', 'jitter_permille', 'forced_at_ms'}\n"                         \
+    "local v = redis.call('HMGET', KEYS[1], unpack(names))\n"                                      \
+    "local out = {}\n"                                                                             \
+    "for i, n in ipairs(names) do\n"                                                               \
+    "  if v[i] then out[#out + 1] = n; out[#out + 1] = string.sub(v[i], 1, 128) end\n"             \
+    "end\n"                                                                                        \
     "return out\n"
 
 /* The breaker read: the record, bounded. KEYS: the record. */
@@ -352,10 +353,9 @@ static const char index_read_script[] =
     "return out\n";
 
 /* The epoch read, bounded. KEYS: the epoch key. */
-static const char epoch_read_script[] =
-    "local v = redis.call('GET', KEYS[1])\n"
-    "if v then return string.sub(v, 1, 64) end\n"
-    "return v\n";
+static const char epoch_read_script[] = "local v = redis.call('GET', KEYS[1])\n"
+                                        "if v then return string.sub(v, 1, 64) end\n"
+                                        "return v\n";
 
 /* The breaker write: only when newer than the stored record (by updated_at_ms, then
  * updated_by), announced on the events channel and copied into the index hash (KEYS[2], one
@@ -374,8 +374,7 @@ static const char br_script[] =
     "  if ARGV[10] ~= '0' then redis.call('HSET', KEYS[1], 'forced_at_ms', ARGV[10]) end\n"
     "  redis.call('HSET', KEYS[2], ARGV[7], ARGV[1])\n"
     "  redis.call('PUBLISH', ARGV[6], ARGV[7] .. ' ' .. ARGV[1] .. ' ' .. ARGV[4])\n"
-    "end\n"
-    BR_RETURN;
+    "end\n" BR_RETURN;
 
 /* The heartbeat, on Redis' clock (instances' clocks may disagree by seconds): this instance's
  * score becomes Redis' now in ms, members older than the staleness limit go, and the number of
@@ -443,7 +442,6 @@ static void copy_str(char *dst, size_t len, const char *src)
 /* ---------------------------------------------------------------------------------------- */
 /* URL                                                                                       */
 
-
 static int parse_uint(const char *s, size_t len, long max, long *out)
 {
     if (len == 0 || len > 9)
@@ -491,7 +489,8 @@ int bw_redis_url_parse(const char *url, bw_redis_target *out, char *err, size_t 
             snprintf(err, errlen, "credentials must be written :password@");
             return -1;
         }
-        if (bw_percent_decode(p + 1, (size_t)(at - p - 1), out->password, sizeof(out->password)) < 0) {
+        if (bw_percent_decode(p + 1, (size_t)(at - p - 1), out->password, sizeof(out->password)) <
+            0) {
             snprintf(err, errlen, "the password is malformed or too long");
             return -1;
         }
@@ -1098,7 +1097,7 @@ typedef struct br_record {
     bool has_state;
     bw_breaker_state state;
     uint64_t opened_at, updated_at;
-    uint64_t forced_at; /* held open by an operator since (wall ms); 0 = not forced */
+    uint64_t forced_at;     /* held open by an operator since (wall ms); 0 = not forced */
     uint64_t level, jitter; /* backoff of the open period; 0 when not recorded */
     char by[ID_MAX];
 } br_record;
@@ -1399,8 +1398,7 @@ static void breaker_reply(bw_redis_sync *r, const cmd *c, const redisReply *rep)
     if (got < 0) {
         rec->bad = rec->bad < 32 ? rec->bad + 1 : rec->bad;
         rec->bad_until_ms = mono_ms() + backoff_ms(r, rec->bad);
-        fail(r, ERR_REPLY, "malformed record for upstream %s; ignored, read again later",
-             u->name);
+        fail(r, ERR_REPLY, "malformed record for upstream %s; ignored, read again later", u->name);
         return;
     }
     bw_breaker *b = bw_shm_breaker(r->shm, (int)c->idx);
@@ -1902,8 +1900,9 @@ static void ratelimit_reply(bw_redis_sync *r, const cmd *c, const redisReply *re
              * the bucket runs on local state meanwhile. */
             ratelimit_bad(r, &c->items[k]);
             r->wrong_type++;
-            fail(r, ERR_REPLY, "a rate-limit key holds a value that is not a hash; its tokens "
-                               "are kept and retried");
+            fail(r, ERR_REPLY,
+                 "a rate-limit key holds a value that is not a hash; its tokens "
+                 "are kept and retried");
             continue;
         }
         ratelimit_apply(r, &c->items[k], v);

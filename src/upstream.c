@@ -323,8 +323,8 @@ static bw_upconn *connect_new(bw_server *server)
     if (pool->conf->tls.enabled) {
         /* TLS rides on the TCP bufferevent as a filter: the handshake starts once the connect
          * completes, and the caller sees BEV_EVENT_CONNECTED only after it. */
-        SSL *ssl = pool->tls_ctx ? bw_upstream_tls_ssl_new(pool->tls_ctx, pool->conf, server->conf)
-                                 : NULL;
+        SSL *ssl =
+            pool->tls_ctx ? bw_upstream_tls_ssl_new(pool->tls_ctx, pool->conf, server->conf) : NULL;
         struct bufferevent *tls =
             ssl ? bufferevent_openssl_filter_new(pool->base, c->bev, ssl,
                                                  BUFFEREVENT_SSL_CONNECTING, BEV_OPT_CLOSE_ON_FREE)

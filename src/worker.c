@@ -56,8 +56,7 @@ static void drain_done_check(bw_worker *w)
 
 void bw_worker_session_closed(bw_worker *w)
 {
-    if (w->listeners_paused && !w->draining &&
-        w->n_sessions < w->cfg->limits.max_connections) {
+    if (w->listeners_paused && !w->draining && w->n_sessions < w->cfg->limits.max_connections) {
         w->listeners_paused = false;
         listeners_update(w);
     }
@@ -123,7 +122,8 @@ static void accept_error_cb(struct evconnlistener *l, void *arg)
                         evutil_socket_error_to_string(err), w->accept_unlogged,
                         BW_ACCEPT_BACKOFF_MS, w->n_sessions);
         else
-            bw_log_warn(w->log, "accept failed: %s; pausing accept for %d ms with %zu "
+            bw_log_warn(w->log,
+                        "accept failed: %s; pausing accept for %d ms with %zu "
                         "connection(s) open",
                         evutil_socket_error_to_string(err), BW_ACCEPT_BACKOFF_MS, w->n_sessions);
         w->accept_log_ms = now;
@@ -292,8 +292,8 @@ int bw_worker_run(const bw_worker_args *args)
         goto out;
     }
     for (size_t i = 0; i < w.cfg->n_listeners; i++) {
-        w.listeners[i] = evconnlistener_new(w.base, accept_cb, &w, LEV_OPT_CLOSE_ON_FREE, -1,
-                                            w.listen_fds[i]);
+        w.listeners[i] =
+            evconnlistener_new(w.base, accept_cb, &w, LEV_OPT_CLOSE_ON_FREE, -1, w.listen_fds[i]);
         if (!w.listeners[i]) {
             bw_log_error(w.log, "cannot watch listener %s", w.cfg->listeners[i].address);
             goto out;
@@ -337,8 +337,8 @@ out:
     free(w.rl_params);
     free(w.resp_head);
     free(w.path_buf);
-    struct event *evs[] = {w.ev_term,      w.ev_int,       w.ev_usr1,     w.ev_hup,
-                           w.drain_timer,  w.parent_timer, w.accept_timer, w.idle_grace_timer};
+    struct event *evs[] = {w.ev_term,     w.ev_int,       w.ev_usr1,      w.ev_hup,
+                           w.drain_timer, w.parent_timer, w.accept_timer, w.idle_grace_timer};
     for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++)
         if (evs[i])
             event_free(evs[i]);

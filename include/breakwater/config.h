@@ -51,8 +51,8 @@ typedef struct bw_tls_cert_conf {
 } bw_tls_cert_conf;
 
 typedef struct bw_tls_conf {
-    char *cert; /* alias of certs[0].cert (not owned), the default certificate */
-    char *key;  /* alias of certs[0].key (not owned) */
+    char *cert;              /* alias of certs[0].cert (not owned), the default certificate */
+    char *key;               /* alias of certs[0].key (not owned) */
     bw_tls_cert_conf *certs; /* owned; one element for the "cert"/"key" form */
     size_t n_certs;
     bool list;                 /* written as "certificates": error paths name the element */
@@ -126,12 +126,12 @@ typedef struct bw_upstream_tls_conf {
 /* Active health checks ("health_check"); absent = enabled false. */
 typedef struct bw_health_check_conf {
     bool enabled;
-    char *path;                   /* default "/healthz" */
-    char *host;                   /* Host header; NULL = the server's address */
-    uint32_t interval_ms;         /* default 5000 */
-    uint32_t timeout_ms;          /* default 1000: connect, request and whole response */
-    uint32_t healthy_threshold;   /* passes in a row to become healthy; default 2 */
-    uint32_t unhealthy_threshold; /* failures in a row to become unhealthy; default 3 */
+    char *path;                      /* default "/healthz" */
+    char *host;                      /* Host header; NULL = the server's address */
+    uint32_t interval_ms;            /* default 5000 */
+    uint32_t timeout_ms;             /* default 1000: connect, request and whole response */
+    uint32_t healthy_threshold;      /* passes in a row to become healthy; default 2 */
+    uint32_t unhealthy_threshold;    /* failures in a row to become unhealthy; default 3 */
     uint16_t expect_min, expect_max; /* inclusive status range; default 200..399 */
 } bw_health_check_conf;
 
@@ -139,11 +139,11 @@ typedef struct bw_upstream_conf {
     char *name;
     bw_server_conf *servers;
     size_t n_servers;
-    bool critical;                /* readiness turns 503 when its breaker is open; default false */
-    bw_balance balance;           /* "round_robin" (default) or "least_conn" */
-    uint32_t connect_timeout_ms;  /* default 1000 */
-    uint32_t response_timeout_ms; /* default 30000: wait for the head, and max gap in the body */
-    uint32_t keepalive_max_idle;  /* idle pooled connections per server per worker; default 32 */
+    bool critical;                 /* readiness turns 503 when its breaker is open; default false */
+    bw_balance balance;            /* "round_robin" (default) or "least_conn" */
+    uint32_t connect_timeout_ms;   /* default 1000 */
+    uint32_t response_timeout_ms;  /* default 30000: wait for the head, and max gap in the body */
+    uint32_t keepalive_max_idle;   /* idle pooled connections per server per worker; default 32 */
     uint32_t keepalive_timeout_ms; /* idle pooled connection lifetime; default 60000 */
     uint32_t retries;              /* extra attempts on another server; default 1 */
     uint32_t resolve_interval_ms;  /* re-resolution of server names; default 5000 */
@@ -167,7 +167,7 @@ typedef struct bw_ratelimit_conf {
     uint32_t capacity;     /* >= 1 */
     double refill_per_sec; /* >= 0 */
     bool dry_run;
-    uint32_t ipv6_prefix;  /* IPv6 clients grouped by this prefix length; default 64 */
+    uint32_t ipv6_prefix;   /* IPv6 clients grouped by this prefix length; default 64 */
     struct bw_cidr *exempt; /* clients in these networks take no token and get no headers */
     size_t n_exempt;
     bool set_capacity, set_refill; /* explicit in the file (env overrides apply otherwise) */
@@ -180,10 +180,10 @@ typedef struct bw_route_conf {
     size_t path_prefix_len;
     bool case_sensitive; /* path_prefix compared byte for byte (default) or ignoring ASCII case */
     bool request_buffering; /* small bodies read whole before an upstream is taken (default) */
-    char *name;        /* label in metrics; default "<host><path_prefix>" */
-    int upstream;      /* index into bw_config.upstreams */
-    int rate_limit;    /* index into bw_config.rate_limits, or -1 */
-    int shm_slot;      /* assigned by bw_shm_bind(): counters slot */
+    char *name;             /* label in metrics; default "<host><path_prefix>" */
+    int upstream;           /* index into bw_config.upstreams */
+    int rate_limit;         /* index into bw_config.rate_limits, or -1 */
+    int shm_slot;           /* assigned by bw_shm_bind(): counters slot */
 } bw_route_conf;
 
 typedef struct bw_cidr {
@@ -194,14 +194,14 @@ typedef struct bw_cidr {
 
 typedef struct bw_redis_conf {
     bool enabled;
-    char *url;        /* redis://[:password@]host:port[/db] or unix:///path */
-    char *key_prefix; /* default "breakwater" */
-    uint32_t sync_interval_ms; /* default 100 */
-    bool required;    /* readiness fails while Redis is down; default false */
+    char *url;                   /* redis://[:password@]host:port[/db] or unix:///path */
+    char *key_prefix;            /* default "breakwater" */
+    uint32_t sync_interval_ms;   /* default 100 */
+    bool required;               /* readiness fails while Redis is down; default false */
     uint32_t connect_timeout_ms; /* default 1000 */
     uint32_t command_timeout_ms; /* default 1000 */
-    bool share_when_down; /* while Redis is unreachable, limit each key to capacity / live
-                           * instances; default true */
+    bool share_when_down;        /* while Redis is unreachable, limit each key to capacity / live
+                                  * instances; default true */
     /* Redis Sentinel, instead of url: the master named master_name is asked of these sentinels
      * ("HOST:PORT", IP literals or localhost) and followed across failovers. */
     char **sentinels;
@@ -224,8 +224,8 @@ typedef enum bw_log_query {
 } bw_log_query;
 
 typedef struct bw_log_conf {
-    char *error_log;  /* path, or NULL/"stderr" for stderr */
-    char *access_log; /* path, "stdout", or "off"; default "stdout" */
+    char *error_log;    /* path, or NULL/"stderr" for stderr */
+    char *access_log;   /* path, "stdout", or "off"; default "stdout" */
     bw_log_level level; /* default info */
     bool error_json;    /* error_format "json" (default "text") */
     bw_log_query query; /* what the access log keeps of a query string */
@@ -238,11 +238,11 @@ typedef struct bw_limits_conf {
     uint32_t request_buffer_bytes; /* bodies up to this are read before connecting; 65536 */
     uint32_t header_timeout_ms;    /* whole request head must arrive within; default 10000 -> 408 */
     uint32_t client_idle_timeout_ms; /* keep-alive idle and body read gap; default 60000 */
-    uint32_t max_connections;      /* per worker; default 10000 */
+    uint32_t max_connections;        /* per worker; default 10000 */
 } bw_limits_conf;
 
 typedef struct bw_config {
-    char *path; /* the file it came from */
+    char *path;       /* the file it came from */
     uint32_t workers; /* resolved: 0 in the file becomes the CPU count */
     bw_listener_conf *listeners;
     size_t n_listeners;
@@ -253,7 +253,7 @@ typedef struct bw_config {
     size_t n_routes;
     bw_ratelimit_conf *rate_limits;
     size_t n_rate_limits;
-    int default_rate_limit; /* index of the policy env overrides apply to, or -1 */
+    int default_rate_limit;         /* index of the policy env overrides apply to, or -1 */
     uint32_t rate_limit_table_size; /* default 65536 */
     bw_cidr *trusted_proxies;
     size_t n_trusted_proxies;
@@ -270,7 +270,7 @@ typedef struct bw_config {
     char **notes;
     bool *notes_warn;
     size_t n_notes;
-    bw_sockaddr *resolvers;       /* "resolvers": replace /etc/resolv.conf's nameservers */
+    bw_sockaddr *resolvers; /* "resolvers": replace /etc/resolv.conf's nameservers */
     size_t n_resolvers;
     uint32_t resolver_timeout_ms; /* per DNS attempt; default 2000 */
     uint32_t resolver_attempts;   /* per query; default 2 */

@@ -52,7 +52,7 @@ typedef enum bw_body_framing {
     BW_BODY_NONE = 0,   /* no body at all */
     BW_BODY_LENGTH = 1, /* exactly content_length bytes */
     BW_BODY_CHUNKED = 2,
-    BW_BODY_CLOSE = 3,  /* responses only: until the connection closes */
+    BW_BODY_CLOSE = 3, /* responses only: until the connection closes */
 } bw_body_framing;
 
 /* Result of parsing a head. Positive codes are the HTTP status the proxy should answer with. */
@@ -136,12 +136,12 @@ typedef enum bw_chunked_state {
 
 typedef struct bw_chunked {
     bw_chunked_state state;
-    uint64_t remaining;    /* data bytes left in the current chunk */
-    uint32_t line_bytes;   /* bytes in the current size/ext/trailer line, bounded */
+    uint64_t remaining;     /* data bytes left in the current chunk */
+    uint32_t line_bytes;    /* bytes in the current size/ext/trailer line, bounded */
     uint32_t trailer_bytes; /* total trailer bytes, bounded */
     uint8_t hex_digits;
     const char *error;
-    uint8_t phase;         /* position inside a chunk extension or trailer line (private) */
+    uint8_t phase; /* position inside a chunk extension or trailer line (private) */
 } bw_chunked;
 
 /* A span of decoded body data inside the buffer passed to bw_chunked_feed(). */

@@ -16,14 +16,14 @@
 #include "breakwater/config.h"
 
 typedef struct bw_log {
-    int error_fd;         /* stderr or a file */
-    int access_fd;        /* stdout, a file, or -1 when off */
+    int error_fd;  /* stderr or a file */
+    int access_fd; /* stdout, a file, or -1 when off */
     bw_log_level level;
-    char *error_path;     /* NULL for stderr */
-    char *access_path;    /* NULL for stdout / off */
-    char tag[32];         /* "master" or "worker 3", prefixed to error lines */
-    bool json;            /* error lines as JSON objects (log.error_format "json") */
-    bw_log_query query;   /* what the access log keeps of query strings */
+    char *error_path;   /* NULL for stderr */
+    char *access_path;  /* NULL for stdout / off */
+    char tag[32];       /* "master" or "worker 3", prefixed to error lines */
+    bool json;          /* error lines as JSON objects (log.error_format "json") */
+    bw_log_query query; /* what the access log keeps of query strings */
 } bw_log;
 
 /* Opens the destinations named by the configuration. Returns 0, or -1 with a reason in err. */
@@ -49,25 +49,25 @@ int bw_log_level_parse(const char *s, bw_log_level *out);
 
 /* One access-log record. Strings need not be NUL-terminated; NULL means absent. */
 typedef struct bw_access_record {
-    int64_t time_ms;          /* wall clock, start of the request */
-    const char *client;       /* client address, "ip:port" */
+    int64_t time_ms;    /* wall clock, start of the request */
+    const char *client; /* client address, "ip:port" */
     const char *method;
     size_t method_len;
-    const char *path;         /* request target */
+    const char *path; /* request target */
     size_t path_len;
     int status;
-    uint64_t bytes_in;        /* request body bytes received */
-    uint64_t bytes_out;       /* response bytes sent (head + body) */
-    const char *upstream;     /* upstream name or NULL */
-    const char *server;       /* upstream server address or NULL */
-    const char *route;        /* route name or NULL */
+    uint64_t bytes_in;    /* request body bytes received */
+    uint64_t bytes_out;   /* response bytes sent (head + body) */
+    const char *upstream; /* upstream name or NULL */
+    const char *server;   /* upstream server address or NULL */
+    const char *route;    /* route name or NULL */
     const char *request_id;
     size_t request_id_len;
-    double duration_ms;       /* total */
+    double duration_ms;          /* total */
     double upstream_connect_ms;  /* -1 when no connection was made */
     double upstream_response_ms; /* time to the response head; -1 when none */
-    int attempts;             /* upstream attempts made */
-    const char *error;        /* proxy-side error kind, or NULL */
+    int attempts;                /* upstream attempts made */
+    const char *error;           /* proxy-side error kind, or NULL */
     bool tls;
 } bw_access_record;
 
@@ -84,7 +84,8 @@ size_t bw_log_query_apply(bw_log_query mode, const char *target, size_t len, cha
 
 /* Formats a record as one JSON line (escaping every string) and writes it. */
 void bw_log_access(bw_log *log, const bw_access_record *rec);
-/* Formats into buf (for tests); returns the length written, excluding the NUL, or 0 if too small. */
+/* Formats into buf (for tests); returns the length written, excluding the NUL, or 0 if too small.
+ */
 size_t bw_log_access_format(const bw_access_record *rec, char *buf, size_t len);
 
 #endif

@@ -68,8 +68,8 @@ typedef struct bw_ratelimit_result {
 typedef struct bw_ratelimit_stats {
     uint32_t entries;
     size_t bytes;
-    uint64_t evictions; /* busy keys forced out because their probe window was full */
-    uint64_t reclaims;  /* idle entries (full buckets) reused for another key */
+    uint64_t evictions;        /* busy keys forced out because their probe window was full */
+    uint64_t reclaims;         /* idle entries (full buckets) reused for another key */
     uint64_t owed_evictions;   /* fleet tables: keys dropped while tokens were owed to the fleet
                                 * (forced out with tokens not yet collected, or given up by the
                                 * master's bounded list of undelivered keys) */

@@ -77,7 +77,7 @@ typedef struct bw_worker_slot {
 } bw_worker_slot;
 
 typedef struct bw_shm_named {
-    char name[BW_SHM_NAME_MAX]; /* NUL-terminated; empty = free */
+    char name[BW_SHM_NAME_MAX];  /* NUL-terminated; empty = free */
     _Atomic uint32_t generation; /* last configuration generation that used this slot */
 } bw_shm_named;
 
@@ -94,7 +94,7 @@ typedef struct bw_shm_route {
 
 /* Fleet-wide status published by the master for workers (readiness on traffic listeners). */
 typedef struct bw_shm_status {
-    _Atomic uint32_t draining;       /* the master is shutting down */
+    _Atomic uint32_t draining; /* the master is shutting down */
     _Atomic uint32_t redis_configured;
     _Atomic uint32_t redis_up;
     _Atomic uint32_t redis_required;
@@ -137,8 +137,8 @@ void bw_shm_destroy(bw_shm *shm);
  * gets a free slot (its breaker freshly initialised), names no longer used keep their slot until
  * it is needed. Writes the slot numbers into cfg->upstreams[i].shm_slot, routes[i].shm_slot,
  * rate_limits[i].shm_slot and listeners[i].shm_slot, and gives every server of every upstream its
- * health record (cfg->upstreams[i].servers[k].shm_index, bound by address). Returns 0, or -1 with a reason in err when
- * the region is too small ("restart needed").
+ * health record (cfg->upstreams[i].servers[k].shm_index, bound by address). Returns 0, or -1 with a
+ * reason in err when the region is too small ("restart needed").
  */
 int bw_shm_bind(bw_shm *shm, bw_config *cfg, uint64_t generation, uint64_t now_ms, char *err,
                 size_t errlen);

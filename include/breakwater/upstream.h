@@ -39,7 +39,7 @@ struct bw_server {
     bw_upstream_pool *pool;
     bw_upconn *idle_head; /* most recently used first */
     uint32_t n_idle;
-    uint32_t active; /* connections in use by this worker (least_conn) */
+    uint32_t active;           /* connections in use by this worker (least_conn) */
     bw_outlier_server *health; /* its shared health record; NULL without a shared region */
     bool member;               /* in the pool's current set; false: draining, never pooled */
     /* DNS-named upstreams: the resolved address this server stands for (conf points here). */
@@ -53,13 +53,13 @@ struct bw_upstream_pool {
     bw_server *servers; /* literal servers, in configuration order */
     bw_server **list;   /* the current set, in balancing order (n_servers of them) */
     size_t n_servers;
-    bw_server **by_record; /* DNS-named: one server per shared record, made on first use */
-    uint64_t members_seq;  /* DNS-named: the published set last copied */
+    bw_server **by_record;      /* DNS-named: one server per shared record, made on first use */
+    uint64_t members_seq;       /* DNS-named: the published set last copied */
     struct ssl_ctx_st *tls_ctx; /* "tls": the client context; NULL for plain TCP or on error */
     char tls_error[256];        /* why tls_ctx could not be built ("" when it was) */
     uint32_t rr_next;
-    bw_outlier_group *group;      /* the upstream's shared server records (NULL: none) */
-    bw_outlier_server **health;   /* servers[i].health, as the array the ejection cap reads */
+    bw_outlier_group *group;    /* the upstream's shared server records (NULL: none) */
+    bw_outlier_server **health; /* servers[i].health, as the array the ejection cap reads */
     /* This upstream's timeouts as libevent common timeouts (O(1) queues, not the heap). */
     const struct timeval *tv_connect, *tv_response, *tv_keepalive;
     struct timeval tv_plain[3];

@@ -28,7 +28,7 @@ typedef struct bw_worker {
     struct event_base *base;
     const bw_config *cfg;
     bw_log *log;
-    int index;        /* 1-based worker number, for logs */
+    int index; /* 1-based worker number, for logs */
     pid_t master_pid;
     const int *listen_fds; /* one per configured listener */
     SSL_CTX *const *tls;   /* one per listener, NULL for plain ones */
@@ -36,8 +36,8 @@ typedef struct bw_worker {
     bool listeners_paused; /* max_connections reached */
     bool accept_backoff;   /* accept() ran out of descriptors: paused for BW_ACCEPT_BACKOFF_MS */
     struct event *accept_timer;
-    uint64_t accept_log_ms;       /* when an accept failure was last logged (monotonic ms) */
-    uint64_t accept_unlogged;     /* failures since then, reported with the next log line */
+    uint64_t accept_log_ms;   /* when an accept failure was last logged (monotonic ms) */
+    uint64_t accept_unlogged; /* failures since then, reported with the next log line */
     bw_upstream_pool *pools;
     const bw_shm *shm;
     int worker_slot;                /* this process's counters in the shared region */
@@ -55,7 +55,7 @@ typedef struct bw_worker {
     bool draining;
     struct event *ev_term, *ev_int, *ev_usr1, *ev_hup, *drain_timer, *parent_timer;
     struct event *idle_grace_timer; /* drain_idle_grace_ms after a drain began */
-    uint64_t reqid_state; /* request-id generator state, seeded from the kernel */
+    uint64_t reqid_state;           /* request-id generator state, seeded from the kernel */
 } bw_worker;
 
 /* What the master hands a freshly forked worker. */

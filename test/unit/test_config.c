@@ -929,8 +929,8 @@ static void test_tls_certificates_list(void **state)
     /* Both forms at once. */
     snprintf(text, sizeof text,
              "{\"listeners\": [{\"address\": \"127.0.0.1:8443\",\n \"tls\": {\"cert\": \"%s\", "
-             "\"key\": \"%s\",\n  \"certificates\": [{\"cert\": \"%s\", \"key\": \"%s\"}]}}],"
-             UPS "," ROUTES "}",
+             "\"key\": \"%s\",\n  \"certificates\": [{\"cert\": \"%s\", \"key\": \"%s\"}]}}]," UPS
+             "," ROUTES "}",
              a, a, b, b);
     expect_error(text, "test.json:3:19: listeners[0].tls.certificates: \"certificates\" and "
                        "\"cert\"/\"key\"/\"ocsp\" are mutually exclusive");
@@ -948,8 +948,8 @@ static void test_tls_certificates_list(void **state)
                  "listeners[0].tls.certificates[0]: must be an object");
     snprintf(text, sizeof text,
              "{\"listeners\": [{\"address\": \"127.0.0.1:8443\", \"tls\": {\"certificates\": ["
-             "{\"cert\": \"%s\", \"key\": \"%s\"}, {\"cert\": \"%s\", \"kee\": \"%s\"}]}}],"
-             UPS "," ROUTES "}",
+             "{\"cert\": \"%s\", \"key\": \"%s\"}, {\"cert\": \"%s\", \"kee\": \"%s\"}]}}]," UPS
+             "," ROUTES "}",
              a, a, b, b);
     expect_errors(text, 2,
                   (const char *[]){"listeners[0].tls.certificates[1].kee: unknown field \"kee\"",
@@ -957,8 +957,8 @@ static void test_tls_certificates_list(void **state)
                                    "missing"});
     snprintf(text, sizeof text,
              "{\"listeners\": [{\"address\": \"127.0.0.1:8443\", \"tls\": {\"certificates\": ["
-             "{\"cert\": \"%s\", \"key\": \"%s\", \"ocsp\": \"%s/none.der\"}]}}]," UPS
-             "," ROUTES "}",
+             "{\"cert\": \"%s\", \"key\": \"%s\", \"ocsp\": \"%s/none.der\"}]}}]," UPS "," ROUTES
+             "}",
              a, a, dir);
     expect_error(text, "listeners[0].tls.certificates[0].ocsp: cannot read");
     snprintf(text, sizeof text,

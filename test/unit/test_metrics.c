@@ -289,9 +289,10 @@ static void test_series_survive_reload(void **state)
     bw_metrics_upstream_error(&f->shm, 0, web, BW_UPERR_TIMEOUT);
 
     /* Reload: route "r" and upstream "web" are gone. */
-    bw_config *next = bw_test_parse_config("{\"listeners\": [{\"address\": \"127.0.0.1:8080\"}],"
-                            " \"upstreams\": {\"api\": {\"servers\": [\"127.0.0.1:9001\"]}},"
-                            " \"routes\": [{\"path_prefix\": \"/\", \"upstream\": \"api\"}]}");
+    bw_config *next =
+        bw_test_parse_config("{\"listeners\": [{\"address\": \"127.0.0.1:8080\"}],"
+                             " \"upstreams\": {\"api\": {\"servers\": [\"127.0.0.1:9001\"]}},"
+                             " \"routes\": [{\"path_prefix\": \"/\", \"upstream\": \"api\"}]}");
     char err[256];
     assert_int_equal(bw_shm_bind(&f->shm, next, 2, NOW_MS, err, sizeof err), 0);
     bw_config_free(f->cfg);

@@ -622,7 +622,8 @@ static void test_flush_idempotent(void **state)
     const char *key = "bwtest:rate-limit:p:k";
     /* instance, incarnation, cumulative, base, interval us, cap us, unsure cumulative, its age
      * in us, age of the newest tokens in us, linger ms */
-    redisReply *rep = cmd(c, "EVAL %s 1 %s inst-a 1 5 0 1000000 100000000 0 0 0 60000", script, key);
+    redisReply *rep =
+        cmd(c, "EVAL %s 1 %s inst-a 1 5 0 1000000 100000000 0 0 0 60000", script, key);
     assert_int_equal(rep->type, REDIS_REPLY_INTEGER);
     long long ahead1 = rep->integer;
     assert_true(ahead1 > 4000000 && ahead1 <= 5000000);
