@@ -494,6 +494,37 @@ static bool rate_tripped(const bw_breaker *b, const bw_breaker_conf *c, uint32_t
     return *req >= min && (uint64_t)*fail * 100 >= (uint64_t)c->failure_rate_percent * *req;
 }
 
+/*
+ * One successful probe while half_open (w, read from *cur): closes the breaker once `need`
+ * successes are in, otherwise counts it, giving the probe's permit back when frees_permit.
+ * Returns 1 when it closed, 0 when it counted, -1 when the word changed first (*cur holds the
+ * new value: the caller looks again).
+ */
+static int half_open_success(bw_breaker *b, uint64_t *cur, word w, unsigned need, bool frees_permit,
+                             uint64_t now_ms, bw_breaker_transition *t)
+{
+    unsigned successes = w.successes + 1;
+    if (successes >= need) {
+        word n = next_state(w, BW_BREAKER_CLOSED);
+        n.level = 0;
+        n.jitter = 0;
+        if (!transition(b, cur, n, now_ms, now_ms))
+            return -1;
+        note(t, w, n, BW_BREAKER_CAUSE_PROBE_OK);
+        if (t != NULL)
+            t->successes = successes;
+        return 1;
+    }
+    word n = w;
+    n.successes = successes;
+    if (frees_permit)
+        n.permits = w.permits ? w.permits - 1 : 0; /* the permit is free for the next probe */
+    if (!atomic_compare_exchange_strong(&b->word, cur, pack(n)))
+        return -1;
+    stamp_set(b, &b->lease, n, true, now_ms);
+    return 0;
+}
+
 /* One more consecutive failure in closed generation gen; returns the new count. */
 static uint32_t failures_add(bw_breaker *b, word w)
 {
@@ -584,25 +615,8 @@ static void report_probe(bw_breaker *b, const bw_breaker_conf *c, uint64_t now_m
                 t->wait_ms = wait_for(c, n.level, n.jitter);
             return;
         }
-        unsigned successes = w.successes + 1;
-        if (successes >= need) {
-            word n = next_state(w, BW_BREAKER_CLOSED);
-            n.level = 0;
-            n.jitter = 0;
-            if (!transition(b, &cur, n, now_ms, now_ms))
-                continue;
-            note(t, w, n, BW_BREAKER_CAUSE_PROBE_OK);
-            if (t != NULL)
-                t->successes = successes;
+        if (half_open_success(b, &cur, w, need, true, now_ms, t) >= 0)
             return;
-        }
-        word n = w;
-        n.successes = successes;
-        n.permits = w.permits ? w.permits - 1 : 0; /* the permit is free for the next probe */
-        if (atomic_compare_exchange_strong(&b->word, &cur, pack(n))) {
-            stamp_set(b, &b->lease, n, true, now_ms);
-            return;
-        }
     }
 }
 
@@ -745,24 +759,9 @@ bool bw_breaker_check_passed(bw_breaker *b, const bw_breaker_conf *c, uint64_t n
             return open_expire(b, c, now_ms, &cur, t);
         if (w.state != BW_BREAKER_HALF_OPEN)
             return false;
-        unsigned successes = w.successes + 1;
-        if (successes >= need) {
-            word n = next_state(w, BW_BREAKER_CLOSED);
-            n.level = 0;
-            n.jitter = 0;
-            if (!transition(b, &cur, n, now_ms, now_ms))
-                continue;
-            note(t, w, n, BW_BREAKER_CAUSE_PROBE_OK);
-            if (t != NULL)
-                t->successes = successes;
-            return true;
-        }
-        word n = w;
-        n.successes = successes;
-        if (atomic_compare_exchange_strong(&b->word, &cur, pack(n))) {
-            stamp_set(b, &b->lease, n, true, now_ms);
-            return false;
-        }
+        int done = half_open_success(b, &cur, w, need, false, now_ms, t);
+        if (done >= 0)
+            return done == 1;
     }
 }
 

@@ -5,7 +5,6 @@ and the defences around libevhtp: malformed requests, header deadline, connectio
 errors, pipelined floods."""
 
 import json
-import os
 import re
 import signal
 import socket
@@ -412,14 +411,7 @@ def test_accept_errors_pause_and_are_counted(upstream, breakwater_factory):
 
 
 def test_pipelined_metrics_flood_keeps_master_memory_bounded(upstream, breakwater_factory):
-    env = {}
-    if harness.SANITIZED:
-        # AddressSanitizer keeps freed blocks in a quarantine (up to 256 MB), which would be
-        # measured as growth; without it VmHWM shows what the process itself holds.
-        env["ASAN_OPTIONS"] = ":".join(o for o in (os.environ.get("ASAN_OPTIONS", ""),
-                                                   "quarantine_size_mb=0",
-                                                   "thread_local_quarantine_size_kb=0") if o)
-    bw = breakwater_factory(harness.base_config([upstream]), env=env)
+    bw = breakwater_factory(harness.base_config([upstream]), env=harness.unquarantined_env())
     master = bw.proc.pid
     for _ in range(3):
         assert req(bw, "GET", "/metrics").status == 200

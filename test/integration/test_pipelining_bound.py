@@ -2,7 +2,6 @@
 while a response's worth of output waits, so its memory stays bounded however much the client
 sends, and other clients keep being served. Also a slow reader gets every response in order."""
 
-import os
 import socket
 import time
 
@@ -32,16 +31,6 @@ def flood(port, request, seconds, rcvbuf=4096):
     return s, sent
 
 
-def measurable_env():
-    """AddressSanitizer keeps freed blocks in a quarantine (up to 256 MB), which RSS would show
-    as growth: without it, RSS shows what the worker itself holds."""
-    if not harness.SANITIZED:
-        return {}
-    return {"ASAN_OPTIONS": ":".join(o for o in (os.environ.get("ASAN_OPTIONS", ""),
-                                                 "quarantine_size_mb=0",
-                                                 "thread_local_quarantine_size_kb=0") if o)}
-
-
 def rss_kb(pid):
     return Breakwater.proc_status(pid, "VmRSS")
 
@@ -61,7 +50,7 @@ def check_flood(bw, request, seconds=3.0):
 
 
 def test_pipelined_probes_do_not_grow_memory(upstream, breakwater_factory):
-    bw = breakwater_factory(harness.base_config([upstream], workers=1), env=measurable_env())
+    bw = breakwater_factory(harness.base_config([upstream], workers=1), env=harness.unquarantined_env())
     sent, grown = check_flood(bw, build_request("GET", "/healthz"))
     assert grown < BOUND_KB, "worker grew by %d kB while the client sent %d bytes" % (grown, sent)
     # The proxy stopped reading: far less was accepted than the old code took in 3 s (40 MB).
@@ -69,14 +58,14 @@ def test_pipelined_probes_do_not_grow_memory(upstream, breakwater_factory):
 
 
 def test_pipelined_readyz_do_not_grow_memory(upstream, breakwater_factory):
-    bw = breakwater_factory(harness.base_config([upstream], workers=1), env=measurable_env())
+    bw = breakwater_factory(harness.base_config([upstream], workers=1), env=harness.unquarantined_env())
     sent, grown = check_flood(bw, build_request("GET", "/readyz"))
     assert grown < BOUND_KB, "worker grew by %d kB while the client sent %d bytes" % (grown, sent)
 
 
 def test_pipelined_proxied_requests_do_not_grow_memory(upstream_factory, breakwater_factory):
     up = upstream_factory(harness.static(200, b"x" * 16384))
-    bw = breakwater_factory(harness.base_config([up], workers=1), env=measurable_env())
+    bw = breakwater_factory(harness.base_config([up], workers=1), env=harness.unquarantined_env())
     sent, grown = check_flood(bw, build_request("GET", "/x"))
     assert grown < BOUND_KB, "worker grew by %d kB while the client sent %d bytes" % (grown, sent)
     # Only as many requests reached the upstream as one connection's bounded buffers allow.

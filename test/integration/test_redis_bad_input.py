@@ -4,7 +4,6 @@ backoff; requests keep flowing on local state; nothing crashes; and once the bad
 the fleet state converges again (tokens held meanwhile are delivered).
 """
 
-import os
 import time
 
 import harness
@@ -121,14 +120,8 @@ def test_a_wrong_typed_epoch_blocks_no_request_and_no_reset_is_misread(
 
 def test_huge_values_under_our_keys_keep_master_memory_bounded(redis_server, upstream_factory,
                                                                breakwater_factory):
-    env = {}
-    if harness.SANITIZED:
-        # AddressSanitizer's quarantine keeps freed replies (up to 256 MB), which RSS would show
-        # as growth; without it RSS shows what the master itself holds.
-        env["ASAN_OPTIONS"] = ":".join(o for o in (os.environ.get("ASAN_OPTIONS", ""),
-                                                   "quarantine_size_mb=0",
-                                                   "thread_local_quarantine_size_kb=0") if o)
-    bw = breakwater_factory(limited(upstream_factory(fleet.Switch("ok")), redis_server), env=env)
+    bw = breakwater_factory(limited(upstream_factory(fleet.Switch("ok")), redis_server),
+                            env=harness.unquarantined_env())
     fleet.wait_fleet(redis_server, bw)
     rss0 = bw.proc_status(bw.proc.pid, "VmRSS")
     big = "x" * (16 << 20)
