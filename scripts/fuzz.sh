@@ -23,7 +23,7 @@ fi
 if [ $# -gt 0 ]; then
     targets="$*"
 else
-    targets="fuzz_request fuzz_response fuzz_chunked fuzz_xff fuzz_config fuzz_path"
+    targets="fuzz_request fuzz_response fuzz_chunked fuzz_xff fuzz_config fuzz_path fuzz_head"
 fi
 
 for t in $targets; do

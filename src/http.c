@@ -244,6 +244,28 @@ size_t bw_http_head_length(const char *buf, size_t len)
     return 0;
 }
 
+size_t bw_http_head_scan(const char *buf, size_t len, size_t *scanned)
+{
+    if (buf == NULL)
+        return 0;
+    /* A blank line ends in its LF: restart three bytes back so a CR LF CR LF cut anywhere by the
+     * previous call is still seen whole. */
+    size_t i = *scanned > 3 ? *scanned - 3 : 0;
+    while (i < len) {
+        const char *nl = memchr(buf + i, '\n', len - i);
+        if (nl == NULL)
+            break;
+        i = (size_t)(nl - buf);
+        if (i >= 1 && buf[i - 1] == '\n')
+            return i + 1;
+        if (i >= 3 && buf[i - 1] == '\r' && buf[i - 2] == '\n' && buf[i - 3] == '\r')
+            return i + 1;
+        i++;
+    }
+    *scanned = len;
+    return 0;
+}
+
 static bw_http_status fail(bw_http_head *out, bw_http_status status, const char *why)
 {
     out->error = why;

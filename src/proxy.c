@@ -712,25 +712,6 @@ static void session_next(bw_session *s)
 /* ---------------------------------------------------------------------------------------- */
 /* Reading and judging a request head                                                        */
 
-/* Finds the end of the head in p[0..n), resuming after `from`. Returns the head length or 0.
- * A bare-LF blank line also ends the search, so that a client using bare LF gets a 400 now
- * instead of waiting for the header timeout: the parser refuses it. */
-static size_t find_head_end(const char *p, size_t n, size_t from)
-{
-    size_t i = from > 3 ? from - 3 : 0;
-    for (; i < n; i++) {
-        const char *nl = memchr(p + i, '\n', n - i);
-        if (!nl)
-            return 0;
-        i = (size_t)(nl - p);
-        if (i >= 1 && p[i - 1] == '\n')
-            return i + 1;
-        if (i >= 3 && p[i - 1] == '\r' && p[i - 2] == '\n' && p[i - 3] == '\r')
-            return i + 1;
-    }
-    return 0;
-}
-
 /* True while the bytes so far can still begin a request line: a method token then a space. */
 static bool plausible_request_start(const char *p, size_t n)
 {
@@ -1412,7 +1393,7 @@ static void session_try_head(bw_session *s)
     size_t limit = w->cfg->limits.max_header_bytes;
     size_t window = len < limit + 4 ? len : limit + 4;
     const char *p = (const char *)evbuffer_pullup(in, (ev_ssize_t)window);
-    size_t head_len = p ? find_head_end(p, window, s->scanned) : 0;
+    size_t head_len = bw_http_head_scan(p, window, &s->scanned);
     bw_exchange *ex = &s->ex;
     if (head_len == 0 && !plausible_request_start(p, window)) {
         /* Not HTTP at all (a TLS ClientHello on a plain port, say): no need to wait for a
@@ -1428,7 +1409,6 @@ static void session_try_head(bw_session *s)
         return;
     }
     if (head_len == 0) {
-        s->scanned = window;
         if (len > limit) {
             s->state = SS_EXCHANGE;
             ex->wall_start_ms = wall_ms();
@@ -2012,9 +1992,8 @@ static void read_response_head(bw_exchange *ex)
             return;
         size_t window = len < BW_RESPONSE_HEAD_MAX ? len : BW_RESPONSE_HEAD_MAX;
         const char *p = (const char *)evbuffer_pullup(in, (ev_ssize_t)window);
-        size_t head_len = p ? find_head_end(p, window, ex->resp_scanned) : 0;
+        size_t head_len = bw_http_head_scan(p, window, &ex->resp_scanned);
         if (head_len == 0) {
-            ex->resp_scanned = window;
             if (len >= BW_RESPONSE_HEAD_MAX)
                 upstream_failed(ex, UF_INVALID);
             return;

@@ -97,6 +97,15 @@ typedef struct bw_http_head {
  */
 size_t bw_http_head_length(const char *buf, size_t len);
 
+/*
+ * Resumable search for the end of a head in buf[0..len), used on the traffic path for request
+ * and response heads. *scanned holds how many bytes earlier calls over the same (grown) buffer
+ * already searched; start with 0. Returns the head length including its blank line (CRLF CRLF,
+ * or a bare LF LF, which the strict parser then refuses at once instead of waiting for a timeout),
+ * or 0 when more bytes are needed; *scanned is then advanced so the next call does not rescan.
+ */
+size_t bw_http_head_scan(const char *buf, size_t len, size_t *scanned);
+
 /* Parses a complete request head of head_len bytes (as returned by bw_http_head_length).
  * max_headers (<= BW_HTTP_MAX_HEADERS_HARD) bounds the header count (431 beyond it). */
 bw_http_status bw_http_parse_request(const char *buf, size_t head_len, size_t max_headers,

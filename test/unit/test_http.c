@@ -916,12 +916,61 @@ static void test_chunked_error_is_sticky(void **state)
     assert_int_equal(c.state, BW_CHUNK_ERROR);
 }
 
+/* The resumable scanner: every way of feeding a head in two calls gives the one-call answer. */
+static void expect_scan(const char *raw, size_t len, size_t want)
+{
+    size_t scanned = 0;
+    assert_int_equal(bw_http_head_scan(raw, len, &scanned), want);
+    for (size_t cut = 0; cut <= len; cut++) {
+        scanned = 0;
+        size_t first = bw_http_head_scan(raw, cut, &scanned);
+        if (first != 0) {
+            assert_int_equal(first, want); /* complete within the first part already */
+            continue;
+        }
+        assert_true(scanned <= cut);
+        assert_int_equal(bw_http_head_scan(raw, len, &scanned), want);
+    }
+}
+
+static void test_head_scan(void **state)
+{
+    (void)state;
+    const char *get = "GET / HTTP/1.1\r\nHost: a\r\n\r\nbody";
+    expect_scan(get, strlen(get), strlen(get) - 4);
+    const char *resp = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+    expect_scan(resp, strlen(resp), strlen(resp));
+    /* a bare LF blank line ends the search too: the parser refuses it at once */
+    const char *lf = "GET / HTTP/1.1\nHost: a\n\nX";
+    expect_scan(lf, strlen(lf), strlen(lf) - 1);
+    /* no blank line yet */
+    const char *part = "GET / HTTP/1.1\r\nHost: a\r\n";
+    expect_scan(part, strlen(part), 0);
+    const char *crs = "\r\r\r\r\r\r";
+    expect_scan(crs, strlen(crs), 0);
+    size_t scanned = 0;
+    assert_int_equal(bw_http_head_scan(NULL, 0, &scanned), 0);
+    assert_int_equal(scanned, 0);
+    /* a long line is searched once: scanned advances to the end */
+    char big[70000];
+    memset(big, 'a', sizeof(big));
+    assert_int_equal(bw_http_head_scan(big, sizeof(big), &scanned), 0);
+    assert_int_equal(scanned, sizeof(big));
+    /* and a blank line cut across calls ("\r\n" | "\r\n") is still found */
+    char split[] = "GET / HTTP/1.1\r\nA: b\r\n\r\n";
+    size_t n = strlen(split);
+    scanned = 0;
+    assert_int_equal(bw_http_head_scan(split, n - 2, &scanned), 0);
+    assert_int_equal(bw_http_head_scan(split, n, &scanned), n);
+}
+
 #define T(f) cmocka_unit_test(f)
 
 int main(void)
 {
     static const struct CMUnitTest fixed[] = {
         T(test_request_origin_form),
+        T(test_head_scan),
         T(test_request_leading_empty_lines),
         T(test_request_absolute_form),
         T(test_request_asterisk_form),
