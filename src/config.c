@@ -1930,7 +1930,7 @@ static void parse_upstream(vctx *c, const cJSON *u, const char *up, bw_upstream_
     uc->balance = BW_BALANCE_ROUND_ROBIN;
     uc->connect_timeout_ms = 1000;
     uc->response_timeout_ms = 30000;
-    uc->keepalive_max_idle = 256;
+    uc->keepalive_max_idle = 32;
     uc->keepalive_timeout_ms = 60000;
     uc->retries = 1;
 

@@ -114,7 +114,7 @@ static void test_minimal_defaults(void **state)
     assert_int_equal(u->balance, BW_BALANCE_ROUND_ROBIN);
     assert_int_equal(u->connect_timeout_ms, 1000);
     assert_int_equal(u->response_timeout_ms, 30000);
-    assert_int_equal(u->keepalive_max_idle, 256);
+    assert_int_equal(u->keepalive_max_idle, 32);
     assert_int_equal(u->keepalive_timeout_ms, 60000);
     assert_int_equal(u->retries, 1);
     const bw_breaker_conf *b = &u->breaker;
